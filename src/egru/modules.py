@@ -1,0 +1,447 @@
+"""``EGRU`` and ``EGRUCell``: ``torch.nn.GRU``-named parameters plus thresholds, input checks,
+and one backend call per layer and direction. The math is in :mod:`egru.functional`."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import backends, functional
+from .state import EGRUState, LayerRecord
+from .surrogate import Triangle
+
+THRESHOLD_INITS = ("beta", "sigmoid")
+
+
+def _check_probability(name: str, p: float) -> None:
+    if not (isinstance(p, (int, float)) and 0 <= p < 1):
+        raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
+
+
+def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    """No silent casts or copies: inputs and states must match the parameters' dtype and device."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"expected {name} of dtype {ref.dtype} (the layer's), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"expected {name} on device {ref.device} (the layer's), got {t.device}")
+
+
+def _check_positive_int(name: str, n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {n!r}")
+
+
+def init_thresholds_(threshold: torch.Tensor, mean: float, method: str = "beta") -> torch.Tensor:
+    """Fill ``threshold`` in place (SPEC §1, thresholds).
+
+    ``"beta"``: ``ϑ ~ Beta(α, 3)`` with ``α = 3m/(1 − m)``, so that ``E[ϑ] = m``.
+    ``"sigmoid"``: ``ϑ = sigmoid(θ)``, ``θ ~ N(m, √2)``.
+    """
+    with torch.no_grad():
+        if method == "beta":
+            alpha = 3 * mean / (1 - mean)
+            beta = torch.distributions.Beta(
+                torch.tensor(alpha, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)
+            )
+            threshold.copy_(beta.sample(threshold.shape))
+        elif method == "sigmoid":
+            threshold.copy_(torch.sigmoid(torch.randn_like(threshold) * math.sqrt(2) + mean))
+        else:
+            raise ValueError(f"threshold_init must be one of {THRESHOLD_INITS}, got {method!r}")
+    return threshold
+
+
+class _ThresholdMixin:
+    """Thresholds live in [0, 1]: a projection applied after each optimiser step."""
+
+    def thresholds(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if name.startswith("threshold")]
+
+    def project_thresholds_(self) -> None:
+        """Clamp every threshold to [0, 1] in place. Call it after ``optimizer.step()``."""
+        with torch.no_grad():
+            for threshold in self.thresholds():
+                threshold.clamp_(0.0, 1.0)
+
+
+def keep_thresholds_in_range(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """Register a hook that projects the thresholds of every EGRU in ``model`` after each step.
+
+    Returns the hook handle (``handle.remove()`` undoes it).
+    """
+    layers = [m for m in model.modules() if isinstance(m, _ThresholdMixin)]
+
+    def project(*_):
+        for layer in layers:
+            layer.project_thresholds_()
+
+    return optimizer.register_step_post_hook(project)
+
+
+class EGRU(_ThresholdMixin, nn.Module):
+    r"""Event-based GRU over sequences, with the ``torch.nn.GRU`` contract (SPEC §1).
+
+    Each unit emits an event when its candidate state crosses its threshold; units and layers
+    communicate only through the events' values ``y``. Both ``y`` and the internal state ``c``
+    are state, so ``hx`` is a pair like ``torch.nn.LSTM``'s.
+
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+        device, dtype: as in ``torch.nn.GRU``.
+
+    Keyword-only args:
+        dampening_factor: height γ of the default triangle surrogate.
+        pseudo_derivative_support: k, inverse half-width of the triangle.
+        threshold_mean: mean of the initial thresholds (in (0, 1)).
+        threshold_init: ``"beta"`` (default) or ``"sigmoid"``, see :func:`init_thresholds_`.
+        zoneout: probability p of zoneout on the internal state.
+        dropconnect: probability of dropping a recurrent weight (one mask per call).
+        surrogate: a surrogate object (see :mod:`egru.surrogate`); overrides the two
+            triangle arguments.
+        backend: how layers are computed; see :func:`egru.backends.available`.
+
+    Inputs: ``input, hx=None``
+        input: ``(T, B, I)``, ``(B, T, I)`` with ``batch_first``, ``(T, I)`` unbatched, or a
+        ``PackedSequence``. hx: ``(y_0, c_0)``, each ``(num_layers·D, B, H)`` (``(num_layers·D, H)``
+        unbatched); zeros if omitted.
+
+    Outputs: ``output, (y_n, c_n)`` and, with ``record=True``, a list of
+        :class:`~egru.state.LayerRecord` (one per layer) as a third element.
+        output: the last layer's ``y`` at every step, directions concatenated. ``(y_n, c_n)``:
+        the final state of every layer and direction, an :class:`~egru.state.EGRUState`.
+
+    Random numbers are drawn in a fixed order, so every backend sees the same masks under the
+    same seed: per layer, per direction, the DropConnect mask then the zoneout masks; then the
+    dropout on that layer's output.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        dampening_factor: float = 0.7,
+        pseudo_derivative_support: float = 1.0,
+        threshold_mean: float = 0.3,
+        threshold_init: str = "beta",
+        zoneout: float = 0.0,
+        dropconnect: float = 0.0,
+        surrogate=None,
+        backend: str = "reference",
+    ):
+        super().__init__()
+        _check_positive_int("input_size", input_size)
+        _check_positive_int("hidden_size", hidden_size)
+        _check_positive_int("num_layers", num_layers)
+        for name, p in (("dropout", dropout), ("zoneout", zoneout), ("dropconnect", dropconnect)):
+            _check_probability(name, p)
+        if not 0 < threshold_mean < 1:
+            raise ValueError(f"threshold_mean must be in (0, 1), got {threshold_mean!r}")
+        if threshold_init not in THRESHOLD_INITS:
+            raise ValueError(f"threshold_init must be one of {THRESHOLD_INITS}, got {threshold_init!r}")
+        self._layer_fn = backends.resolve(backend)
+        self.backend = backend
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.zoneout = float(zoneout)
+        self.dropconnect = float(dropconnect)
+        self.threshold_mean = threshold_mean
+        self.threshold_init = threshold_init
+        self.surrogate = surrogate or Triangle(dampening_factor, pseudo_derivative_support)
+
+        factory = {"device": device, "dtype": dtype}
+        H, D = hidden_size, self.num_directions
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else H * D
+            for suffix in self._suffixes:
+                k = f"l{layer}{suffix}"
+                self.register_parameter(f"weight_ih_{k}", nn.Parameter(torch.empty(3 * H, layer_input, **factory)))
+                self.register_parameter(f"weight_hh_{k}", nn.Parameter(torch.empty(3 * H, H, **factory)))
+                if bias:
+                    self.register_parameter(f"bias_ih_{k}", nn.Parameter(torch.empty(3 * H, **factory)))
+                    self.register_parameter(f"bias_hh_{k}", nn.Parameter(torch.empty(3 * H, **factory)))
+                self.register_parameter(f"threshold_{k}", nn.Parameter(torch.empty(H, **factory)))
+        self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _suffixes(self) -> tuple[str, ...]:
+        return ("", "_reverse") if self.bidirectional else ("",)
+
+    def reset_parameters(self) -> None:
+        """Weights and biases ~ U(−1/√H, 1/√H) as in ``torch.nn.GRU``; thresholds per ``threshold_init``."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for name, param in self.named_parameters():
+            if name.startswith("threshold"):
+                init_thresholds_(param, self.threshold_mean, self.threshold_init)
+            else:
+                nn.init.uniform_(param, -bound, bound)
+
+    def _layer_params(self, layer: int, suffix: str):
+        k = f"l{layer}{suffix}"
+        get = lambda name: getattr(self, f"{name}_{k}", None)  # noqa: E731
+        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("threshold")
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0),
+                              ("bidirectional", False), ("zoneout", 0.0), ("dropconnect", 0.0)):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return s + f", surrogate={self.surrogate}, backend={self.backend!r}"
+
+    # --- conversion with torch.nn.GRU -------------------------------------------------------
+
+    @classmethod
+    def from_gru(cls, gru: nn.GRU, threshold: Union[None, float, torch.Tensor] = None, **kwargs) -> "EGRU":
+        """An EGRU with ``gru``'s weights, gate for gate (same gate order and algebra).
+
+        ``threshold``: None initialises thresholds as usual; a number or an (H,) tensor sets
+        every layer's. ``kwargs`` go to the constructor (surrogate, zoneout, ...).
+        """
+        if getattr(gru, "proj_size", 0):
+            raise ValueError("GRUs with proj_size are not supported")
+        weight = gru.weight_ih_l0
+        layer = cls(gru.input_size, gru.hidden_size, gru.num_layers, gru.bias, gru.batch_first,
+                    gru.dropout, gru.bidirectional, device=weight.device, dtype=weight.dtype, **kwargs)
+        layer.load_state_dict(gru.state_dict(), strict=False)
+        if threshold is not None:
+            with torch.no_grad():
+                for t in layer.thresholds():
+                    t.copy_(torch.as_tensor(threshold, dtype=t.dtype).expand_as(t))
+        return layer
+
+    def to_gru(self) -> nn.GRU:
+        """A ``torch.nn.GRU`` with this layer's weights and biases (thresholds are dropped)."""
+        weight = self.weight_ih_l0
+        gru = nn.GRU(self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
+                     self.dropout, self.bidirectional, device=weight.device, dtype=weight.dtype)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("threshold")}
+        gru.load_state_dict(state)
+        return gru
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(self, input, hx: Optional[tuple] = None, *, record: bool = False):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, lengths = pad_packed_sequence(input)  # time-major, original batch order
+            batched = True
+        else:
+            x, lengths = input, None
+            self._check_input(x)
+            batched = x.dim() == 3
+            x = x.unsqueeze(1) if not batched else (x.transpose(0, 1) if self.batch_first else x)
+        _check_like("input", x, self.weight_ih_l0)
+        T, B, _ = x.shape
+        if T == 0 or B == 0:
+            raise ValueError(f"expected a non-empty sequence, got {T} steps and batch size {B}")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"expected input with {self.input_size} features, got {x.shape[-1]}")
+        state = self._initial_state(hx, B, batched, x)
+
+        output, final, records = self._run_layers(x, state, lengths, record)
+
+        if packed:
+            output = _repack(output, lengths, input)
+        elif not batched:
+            output = output.squeeze(1)
+            final = EGRUState(final.y.squeeze(1), final.c.squeeze(1))
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return (output, final, records) if record else (output, final)
+
+    def _run_layers(self, x, state: EGRUState, lengths, record: bool):
+        finals, records = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for d, suffix in enumerate(self._suffixes):
+                w_ih, w_hh, b_ih, b_hh, threshold = self._layer_params(layer, suffix)
+                if self.training and self.dropconnect > 0:
+                    w_hh = w_hh * functional.dropconnect_mask(w_hh, self.dropconnect)
+                zoneout_mask = None
+                if self.training and self.zoneout > 0:
+                    zoneout_mask = torch.empty(
+                        x.shape[0], x.shape[1], self.hidden_size, dtype=x.dtype, device=x.device
+                    ).bernoulli_(1 - self.zoneout)
+                index = layer * self.num_directions + d
+                outputs.append(self._layer_fn(
+                    x, state.layer(index), w_ih, w_hh, b_ih, b_hh, threshold, self.surrogate,
+                    lengths=lengths, zoneout_p=self.zoneout, zoneout_mask=zoneout_mask,
+                    reverse=d == 1,
+                ))
+            y = torch.cat([o.y for o in outputs], dim=-1)
+            finals.extend(o.state for o in outputs)
+            if record:
+                records.append(self._record(layer, x, state, outputs, lengths))
+            if self.training and self.dropout > 0 and layer < self.num_layers - 1:
+                y = nn.functional.dropout(y, self.dropout, training=True)
+            x = y
+        return x, EGRUState.stack(finals), records
+
+    def _record(self, layer: int, x, state: EGRUState, outputs, lengths) -> LayerRecord:
+        T, B = x.shape[:2]
+        with torch.no_grad():
+            if layer == 0:  # the first layer's input product is dense
+                input_active = torch.full((T, B), self.input_size, device=x.device)
+            else:
+                input_active = (x != 0).sum(-1)
+            recurrent = []
+            for d, out in enumerate(outputs):
+                # units that fired at the previous step in processing order (y_0 for the first)
+                reverse = d == 1
+                fired = functional.reverse_padded(out.e, lengths) if reverse else out.e
+                y0 = state.layer(layer * self.num_directions + d).y
+                counts = torch.cat([(y0 != 0).sum(-1, keepdim=True).T, (fired[:-1] != 0).sum(-1)])
+                recurrent.append(functional.reverse_padded(counts, lengths) if reverse else counts)
+        return LayerRecord(
+            e=torch.cat([o.e for o in outputs], dim=-1),
+            c_hat=torch.cat([o.c_hat for o in outputs], dim=-1),
+            threshold=torch.cat([self._layer_params(layer, s)[4].detach() for s in self._suffixes]),
+            valid=functional.valid_steps(lengths, T, B, x.device),
+            input_active=input_active,
+            recurrent_active=torch.stack(recurrent, dim=-1),
+            input_size=x.shape[-1],
+            hidden_size=self.hidden_size,
+            support=self.surrogate.support,
+        )
+
+    # --- checks -------------------------------------------------------------------------------
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected input to be a Tensor or PackedSequence, got {type(x).__name__}")
+        if x.dim() not in (2, 3):
+            layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
+            raise ValueError(
+                f"expected input of shape {layout} or (T, I) unbatched, got {x.dim()} dimensions "
+                f"with shape {tuple(x.shape)}"
+            )
+
+    def _initial_state(self, hx, B: int, batched: bool, x) -> EGRUState:
+        LD, H = self.num_layers * self.num_directions, self.hidden_size
+        if hx is None:
+            return EGRUState.zeros(LD, B, H, dtype=x.dtype, device=x.device)
+        if isinstance(hx, torch.Tensor) or not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            got = "a single tensor" if isinstance(hx, torch.Tensor) else f"{type(hx).__name__}"
+            if isinstance(hx, (tuple, list)):
+                got = f"a sequence of {len(hx)}"
+            raise ValueError(f"expected hx to be a pair (y_0, c_0), got {got}")
+        expected = (LD, B, H) if batched else (LD, H)
+        for name, t in zip(("y_0", "c_0"), hx):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"expected {name} to be a Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != expected:
+                raise ValueError(f"expected {name} of shape {expected}, got {tuple(t.shape)}")
+            _check_like(name, t, self.weight_ih_l0)
+        y0, c0 = hx
+        return EGRUState(y0, c0) if batched else EGRUState(y0.unsqueeze(1), c0.unsqueeze(1))
+
+
+def _repack(output: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack a padded time-major output with the batch order and sizes of the input ``like``."""
+    order = like.sorted_indices
+    if order is not None:
+        output, lengths = output.index_select(1, order), lengths[order.cpu()]
+    data = pack_padded_sequence(output, lengths, enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+class EGRUCell(_ThresholdMixin, nn.Module):
+    """One EGRU step, for streaming and online learning: ``(y, c) = cell(x, (y, c))``.
+
+    Parameters are named like ``torch.nn.GRUCell``'s (``weight_ih``, ``weight_hh``,
+    ``bias_ih``, ``bias_hh``) plus ``threshold``. ``x`` is ``(B, I)`` or ``(I,)``; the state
+    ``(y, c)``, each ``(B, H)`` or ``(H,)``, defaults to zeros. Zoneout draws a fresh mask
+    every call in training mode. The keyword arguments mean what they mean for :class:`EGRU`.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        dampening_factor: float = 0.7,
+        pseudo_derivative_support: float = 1.0,
+        threshold_mean: float = 0.3,
+        threshold_init: str = "beta",
+        zoneout: float = 0.0,
+        surrogate=None,
+    ):
+        super().__init__()
+        _check_positive_int("input_size", input_size)
+        _check_positive_int("hidden_size", hidden_size)
+        _check_probability("zoneout", zoneout)
+        if not 0 < threshold_mean < 1:
+            raise ValueError(f"threshold_mean must be in (0, 1), got {threshold_mean!r}")
+        self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
+        self.zoneout = float(zoneout)
+        self.threshold_mean, self.threshold_init = threshold_mean, threshold_init
+        self.surrogate = surrogate or Triangle(dampening_factor, pseudo_derivative_support)
+        factory = {"device": device, "dtype": dtype}
+        H = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(3 * H, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(3 * H, H, **factory))
+        self.bias_ih = nn.Parameter(torch.empty(3 * H, **factory)) if bias else None
+        self.bias_hh = nn.Parameter(torch.empty(3 * H, **factory)) if bias else None
+        self.threshold = nn.Parameter(torch.empty(H, **factory))
+        self.reset_parameters()
+
+    reset_parameters = EGRU.reset_parameters
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}, zoneout={self.zoneout}, surrogate={self.surrogate}"
+
+    def forward(self, x: torch.Tensor, state: Optional[tuple] = None) -> EGRUState:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (1, 2):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected input of shape (B, I) or (I,), got {shape}")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"expected input with {self.input_size} features, got {x.shape[-1]}")
+        _check_like("input", x, self.weight_ih)
+        batched = x.dim() == 2
+        x = x if batched else x.unsqueeze(0)
+        B, H = x.shape[0], self.hidden_size
+        if state is None:
+            state = EGRUState.zeros(B, H, dtype=x.dtype, device=x.device)
+        else:
+            if isinstance(state, torch.Tensor) or not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise ValueError("expected state to be a pair (y, c)")
+            expected = (B, H) if batched else (H,)
+            for name, t in zip(("y", "c"), state):
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
+                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"expected state {name} of shape {expected}, got {got}")
+                _check_like(f"state {name}", t, self.weight_ih)
+            state = EGRUState(*(t if batched else t.unsqueeze(0) for t in state))
+        mask = None
+        if self.training and self.zoneout > 0:
+            mask = torch.empty(B, H, dtype=x.dtype, device=x.device).bernoulli_(1 - self.zoneout)
+        step = functional.egru_cell(x, state, self.weight_ih, self.weight_hh, self.bias_ih,
+                                    self.bias_hh, self.threshold, self.surrogate, self.zoneout, mask)
+        new = step.state
+        return new if batched else EGRUState(new.y.squeeze(0), new.c.squeeze(0))
