@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from .state import EGRUState
-from .surrogate import heaviside
 
 
 def gates(gi: torch.Tensor, gh: torch.Tensor):
@@ -55,9 +54,10 @@ def fire(c_hat: torch.Tensor, threshold: torch.Tensor, surrogate):
     """Events, output and reset: ``e = H(ĉ − ϑ)``, ``y = e ⊙ ĉ``, ``c = ĉ − e ⊙ ϑ``.
 
     The event is strict (no event when ``ĉ == ϑ``); the output is the pre-reset value; the
-    reset subtracts the threshold at once. Returns ``(y, c, e)``.
+    reset subtracts the threshold at once. ``surrogate(v)`` computes ``H(v)`` with its
+    pseudo-derivative (see :mod:`egru.surrogate`). Returns ``(y, c, e)``.
     """
-    e = heaviside(c_hat - threshold, surrogate)
+    e = surrogate(c_hat - threshold)
     return e * c_hat, c_hat - e * threshold, e
 
 

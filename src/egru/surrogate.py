@@ -4,6 +4,8 @@
 surrogate: the forward value is the hard step, the backward pass multiplies the incoming
 gradient by ``surrogate.derivative(v)``. A surrogate is any object with
 
+* ``__call__(v) -> Tensor``: the events ``H(v)``, differentiable through the pseudo-derivative
+  (``heaviside(v, self)`` for the surrogates here);
 * ``derivative(v) -> Tensor``: the pseudo-derivative, elementwise;
 * ``support``: half-width of the region where the derivative can be nonzero (``inf`` if
   unbounded). Units outside it and without an event pass no gradient across units; the
@@ -37,8 +39,7 @@ class Triangle:
 
     Args:
         dampening_factor: γ, the height (default 0.7).
-        support: k, the inverse half-width (default 1.0); the name follows EvNN's
-            ``pseudo_derivative_support``.
+        pseudo_derivative_support: k, the inverse half-width (default 1.0).
     """
 
     dampening_factor: float = 0.7

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from egru import EGRU, layer_stats, model_stats
+from torch.nn.utils.rnn import pack_padded_sequence
+
+
+def count_by_hand(layer, x, records, lengths=None):
+    """Activity, backward activity and MACs counted with explicit loops."""
+    T, B, I = x.shape
+    H = layer.hidden_size
+    results = []
+    for l, rec in enumerate(records):
+        fired = back = units = eff = dense = 0
+        for b in range(B):
+            n = T if lengths is None else int(lengths[b])
+            for t in range(n):
+                e = rec.e[t, b]
+                fired += int((e != 0).sum())
+                back += int(((e != 0) | ((rec.c_hat[t, b] - rec.threshold).abs() < rec.support)).sum())
+                units += e.numel()
+                in_active = I if l == 0 else int((records[l - 1].e[t, b] != 0).sum())
+                prev = 0 if t == 0 else int((rec.e[t - 1, b] != 0).sum())  # one direction, y0 = 0
+                eff += 3 * H * (in_active + prev)
+                dense += 3 * H * (rec.input_size + H)
+        results.append((fired / units, back / units, eff, dense))
+    return results
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_statistics_match_hand_counts(packed):
+    layer = EGRU(3, 6, num_layers=2, threshold_mean=0.2, pseudo_derivative_support=3.0)
+    x = torch.randn(7, 3, 3)
+    lengths = torch.tensor([7, 5, 2]) if packed else None
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+    _, _, records = layer(inp, record=True)
+    hand = count_by_hand(layer, x, records, lengths)
+    for rec, (activity, backward, eff, dense) in zip(records, hand):
+        s = layer_stats(rec)
+        assert s.activity == pytest.approx(activity)
+        assert s.backward_activity == pytest.approx(backward)
+        assert (s.effective_macs, s.dense_macs) == (eff, dense)
+        assert 0 < s.activity < s.backward_activity < 1
+    total = model_stats(records)
+    assert total.effective_macs == sum(h[2] for h in hand)
+    assert total.activity == pytest.approx(sum(h[0] for h in hand) / 2)
+
+
+def test_silent_layer_costs_only_its_dense_input_product():
+    layer = EGRU(3, 4, threshold_mean=0.3)
+    with torch.no_grad():
+        layer.threshold_l0.fill_(1.0)  # |ĉ| < 1: nothing can fire
+    _, _, (rec,) = layer(torch.randn(5, 2, 3), record=True)
+    s = layer_stats(rec)
+    assert s.activity == 0 and s.effective_macs == 3 * 4 * 3 * 5 * 2
