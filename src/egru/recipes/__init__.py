@@ -1,0 +1,1 @@
+"""Experiments built on the public API: data, configs and thin training loops."""
