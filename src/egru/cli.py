@@ -32,6 +32,59 @@ def _demo(args) -> int:
     return 0
 
 
+def _config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One ``--option`` per field of a config dataclass; unset options keep the preset's value."""
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = type(f.default) if f.default is not None else int
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
+
+
+def _overrides(args, config_cls) -> dict:
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def _train_lm(args) -> int:
+    from egru.recipes import lm
+
+    if args.preset not in lm.PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; expected one of {sorted(lm.PRESETS)}")
+    cfg = dataclasses.replace(lm.PRESETS[args.preset], **_overrides(args, lm.LMConfig))
+    result = lm.train_and_evaluate(cfg, args.run_dir, data_dir=args.data_dir, download=args.download,
+                                   resume=args.resume, progress=not args.no_progress)
+    if result:
+        print(_lm_summary(cfg.model, result))
+        with open(f"{args.run_dir}/results.json", "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _lm_summary(model: str, result: dict) -> str:
+    lines = [f"{model}: valid perplexity {result['valid']['perplexity']:.2f}, "
+             f"test perplexity {result['test']['perplexity']:.2f}"]
+    for name, layer in result["test"]["layers"].items():
+        lines.append(f"  {name}: activity sparsity {1 - layer['activity']:.1%}, "
+                     f"backward sparsity {1 - layer['backward_activity']:.1%}, "
+                     f"MACs/token {layer['effective_macs_per_token']:,.0f} of {layer['dense_macs_per_token']:,.0f}")
+    if "train_tokens_per_second" in result:
+        lines.append(f"  training: {result['train_tokens_per_second']:,.0f} tokens/s")
+    return "\n".join(lines)
+
+
+def _eval_lm(args) -> int:
+    from egru.recipes import lm
+
+    result = lm.evaluate_checkpoint(args.checkpoint, args.split, data_dir=args.data_dir,
+                                    download=args.download, progress=not args.no_progress)
+    print(json.dumps(result, indent=2) if args.json else
+          f"{args.split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="egru", description="Event-based GRUs: activity-sparse RNNs.")
     parser.add_argument("--version", action="version", version=f"egru {egru.__version__}")
@@ -51,7 +104,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
+
+    from egru.recipes.lm import LMConfig, PRESETS
+
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", required=True)
+    train_lm = train.add_parser("lm", help="word-level language model (PTB, WikiText-2)",
+                                description="Train an EGRU, GRU or LSTM language model. Options not "
+                                            "given keep the preset's value.")
+    train_lm.add_argument("--preset", default="cpu-small", help=f"one of {sorted(PRESETS)}")
+    train_lm.add_argument("--run-dir", required=True, help="checkpoints, logs, metrics and plots go here")
+    train_lm.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    _data_arguments(train_lm)
+    _config_arguments(train_lm, LMConfig)
+    train_lm.set_defaults(run=_train_lm)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
+    eval_lm = evaluate.add_parser("lm", help="perplexity of a language-model checkpoint")
+    eval_lm.add_argument("checkpoint")
+    eval_lm.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    eval_lm.add_argument("--json", action="store_true", help="print everything as JSON")
+    _data_arguments(eval_lm)
+    eval_lm.set_defaults(run=_eval_lm)
     return parser
+
+
+def _data_arguments(parser) -> None:
+    parser.add_argument("--data-dir", help="folder with the data files (default: $EGRU_DATA_DIR)")
+    parser.add_argument("--download", action="store_true", help="download missing data into the cache")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,135 @@
+"""Language-model recipe: learning, exact resume, DDP equivalence, evaluation, clear errors."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from egru import cli, data
+from egru.recipes import lm
+
+from conftest import data_dir
+from lm_worker import REAL_LOAD_CORPUS, small_corpus, tiny_config
+
+pytestmark = pytest.mark.skipif(data_dir() is None, reason="EGRU_DATA_DIR is not set to the shared data")
+
+
+@pytest.fixture(autouse=True)
+def _small_corpus(monkeypatch):
+    monkeypatch.setattr(data, "load_corpus", small_corpus)
+
+
+def train_losses(run_dir):
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("model", ["egru", "gru", "lstm"])
+def test_a_few_steps_lower_the_loss(tmp_path, model):
+    cfg = tiny_config(model=model, max_steps=40, dropout_embedding=0.0, dropout_between=0.0,
+                      dropout_output=0.0, dropconnect=0.0, dropout_words=0.0)
+    result = lm.train_and_evaluate(cfg, tmp_path, progress=False)
+    losses = [loss for _, loss in train_losses(tmp_path)]
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0
+    assert result["valid"]["perplexity"] < len(small_corpus().vocab) / 4
+    if model == "egru":
+        assert (tmp_path / "raster.png").exists() and (tmp_path / "activity.png").exists()
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    cfg = tiny_config(max_steps=8, eval_every=3, zoneout=0.1)  # dropouts on: the RNG state matters
+    lm.train_and_evaluate(cfg, tmp_path / "whole", progress=False)
+
+    calls = {"n": 0}
+    original = lm.chunk_length
+
+    def interrupt_at_step_5(cfg, rng):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(cfg, rng)
+
+    monkeypatch.setattr(lm, "chunk_length", interrupt_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        lm.train_and_evaluate(cfg, tmp_path / "parts", progress=False)
+    assert torch.load(tmp_path / "parts" / "last.pt", weights_only=False)["position"]["step"] == 4
+    monkeypatch.setattr(lm, "chunk_length", original)
+    lm.train_and_evaluate(cfg, tmp_path / "parts", resume=True, progress=False)
+    assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "whole")
+    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["model"]
+    parts = torch.load(tmp_path / "parts" / "last.pt", weights_only=False)["model"]
+    for name in whole:
+        assert torch.equal(whole[name], parts[name]), name
+
+
+def test_evaluating_the_checkpoint_reproduces_the_logged_validation_perplexity(tmp_path, capsys):
+    lm.train_and_evaluate(tiny_config(max_steps=6, eval_every=3), tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    best = min(r["perplexity"] for r in records if r["split"] == "valid")
+    assert cli.main(["eval", "lm", str(tmp_path / "best.pt"), "--split", "valid", "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(best, rel=1e-9)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """DDP on two CPU processes, each with half the batch columns, equals one process."""
+    worker = str(Path(__file__).with_name("lm_worker.py"))
+    overrides = json.dumps(dict(max_steps=5, dropout_embedding=0.0, dropout_between=0.0, dropout_output=0.0,
+                                dropconnect=0.0, dropout_words=0.0, eval_every=5))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    subprocess.run([sys.executable, worker, str(tmp_path / "one"), overrides], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    f"--master_port={_free_port()}", worker, str(tmp_path / "two"), overrides],
+                   check=True, env=env)
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert [s for s, _ in one] == [s for s, _ in two]
+    for (_, a), (_, b) in zip(one, two):
+        assert a == pytest.approx(b, rel=1e-5)
+    m1 = torch.load(tmp_path / "one" / "last.pt", weights_only=False)
+    m2 = torch.load(tmp_path / "two" / "last.pt", weights_only=False)
+    for name, value in m1["model"].items():
+        torch.testing.assert_close(m2["model"][name], value, rtol=1e-4, atol=1e-6)
+    for a, b in zip(m1["carried_state"], m2["carried_state"]):  # gathered from both ranks
+        torch.testing.assert_close(torch.stack(list(b)), torch.stack(list(a)), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "lm", "--dataset", "imdb"], "unknown dataset 'imdb'"),
+    (["train", "lm", "--model", "transformer"], "unknown model 'transformer'"),
+    (["train", "lm", "--preset", "huge"], "unknown preset 'huge'"),
+])
+def test_bad_training_arguments(tmp_path, capsys, argv, message):
+    assert cli.main([*argv, "--run-dir", str(tmp_path), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "load_corpus", REAL_LOAD_CORPUS)
+    code = cli.main(["train", "lm", "--run-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "none"),
+                     "--no-progress"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_checkpoint_of_something_else_is_refused(tmp_path, capsys):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    assert cli.main(["eval", "lm", str(tmp_path / "other.pt"), "--no-progress"]) == 2
+    assert "not an egru language-model checkpoint" in capsys.readouterr().err
+    lm.train_and_evaluate(tiny_config(model="gru", max_steps=1), tmp_path / "gru", progress=False)
+    with pytest.raises(ValueError, match="different configuration"):
+        lm.train_and_evaluate(tiny_config(model="egru", max_steps=2), tmp_path / "gru", resume=True,
+                              progress=False)
+    ckpt = torch.load(tmp_path / "gru" / "last.pt", weights_only=False)
+    ckpt["config"]["model"] = "lstm"
+    torch.save(ckpt, tmp_path / "mislabelled.pt")
+    assert cli.main(["eval", "lm", str(tmp_path / "mislabelled.pt"), "--no-progress"]) == 2
+    assert "does not fit a lstm language model" in capsys.readouterr().err
