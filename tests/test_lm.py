@@ -37,6 +37,7 @@ def test_a_few_steps_lower_the_loss(tmp_path, model):
     losses = [loss for _, loss in train_losses(tmp_path)]
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0
     assert result["valid"]["perplexity"] < len(small_corpus().vocab) / 4
+    assert any((tmp_path / "tensorboard").iterdir()) and (tmp_path / "perplexity.png").exists()
     if model == "egru":
         assert (tmp_path / "raster.png").exists() and (tmp_path / "activity.png").exists()
 

@@ -22,10 +22,10 @@ class DemoConfig:
     hidden_size: int = 128
     epochs: int = 15
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-2
     threshold_mean: float = 0.1
     dampening_factor: float = 0.7
-    pseudo_derivative_support: float = 1.0
+    pseudo_derivative_support: float = 2.0
     seed: int = 0
     train_size: int = 4000  # at most 4,000
     test_size: int = 1000  # at most 1,000
