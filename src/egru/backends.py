@@ -8,10 +8,16 @@ Every backend is tested against ``"reference"``.
 from __future__ import annotations
 
 from . import functional
+from .kernels import event
 
 _BACKENDS = {
     # Plain PyTorch autograd over a time loop: the clearest statement of SPEC §1.
     "reference": functional.egru_layer,
+    # Event-driven numba kernels, forward and sparse BPTT (numba imported on first use;
+    # without it, or for unsupported combinations, the reference with one warning).
+    "event": event.egru_layer_event,
+    # Per call the faster of event-driven and dense (reference) products.
+    "auto": event.egru_layer_auto,
 }
 
 

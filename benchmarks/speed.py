@@ -1,0 +1,207 @@
+"""Wall-clock and peak memory of ``egru.EGRU`` backends against ``torch.nn.GRU`` / ``nn.LSTM``.
+
+For each batch size B and hidden size H (input size = H, T steps), the EGRU's thresholds are
+searched so that the layer reaches a target activity on the benchmark input; the activity
+reported is the one measured from the record. Times are medians of repeated runs:
+forward (``torch.no_grad``, eval mode) and forward+backward (loss = sum of the output,
+gradients for the input and every parameter).
+
+Peak memory of forward+backward: the peak of the bytes held by torch's CPU allocator during
+one forward+backward, above what was held before, from the profiler's memory events
+(``torch.profiler``, ``profile_memory=True``). Resident-set measurements proved useless here
+(the C library reuses freed pages, so most deltas read zero).
+
+    python benchmarks/speed.py --out speed.json           # the full table
+    python benchmarks/speed.py --quick                    # a small subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import egru
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (numba compilation, allocator)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(fn) -> int:
+    """Peak bytes held by torch's CPU allocator during ``fn`` above what was held before.
+
+    From the profiler's memory events (allocations positive, frees negative, in time order).
+    The event kernels' own numpy scratch buffers are O(B·H) and not counted.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # each operator's own bytes (its total repeats its children's), in time order
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
+                    key=lambda e: e.time_range.start)
+    held = peak = 0
+    for e in events:
+        held += e.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
+def measure_activity(model, x) -> float:
+    with torch.no_grad():
+        _, _, records = model(x, record=True)
+    return egru.model_stats(records).activity
+
+
+def set_activity(model, x, target: float) -> float:
+    """Bisect one threshold for all units until the measured activity is near ``target``."""
+    if target >= 1.0:
+        value = -10.0  # below every candidate state: every unit fires at every step
+    else:
+        low, high = -1.0, 2.0
+        for _ in range(25):
+            value = (low + high) / 2
+            with torch.no_grad():
+                for threshold in model.thresholds():
+                    threshold.fill_(value)
+            activity = measure_activity(model, x)
+            if abs(activity - target) <= 0.02 * target:
+                break
+            low, high = (value, high) if activity > target else (low, value)
+    with torch.no_grad():
+        for threshold in model.thresholds():
+            threshold.fill_(value)
+    return measure_activity(model, x)
+
+
+def time_model(model, x, repeats: int, *, memory: bool = True) -> dict:
+    model.eval()
+    with torch.no_grad():
+        forward = median_time(lambda: model(x), repeats)
+    xg = x.clone().requires_grad_()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        xg.grad = None
+        out = model(xg)[0]
+        out.sum().backward()
+
+    result = {"forward_s": forward, "forward_backward_s": median_time(step, max(1, repeats // 2 + 1))}
+    if memory:
+        model.zero_grad(set_to_none=True)
+        xg.grad = None
+        result["peak_memory_bytes"] = peak_memory(step)
+    return result
+
+
+def run(batches, hiddens, activities, backends, steps, repeats, reference_max_hidden):
+    rows = []
+    for H in hiddens:
+        for B in batches:
+            torch.manual_seed(0)
+            x = torch.randn(steps, B, H)
+            gru = torch.nn.GRU(H, H)
+            lstm = torch.nn.LSTM(H, H)
+            base = {"B": B, "H": H, "T": steps}
+            gru_row = {**base, "model": "nn.GRU", **time_model(gru, x, repeats)}
+            rows.append(gru_row)
+            rows.append({**base, "model": "nn.LSTM", **time_model(lstm, x, repeats)})
+            print(_fmt(rows[-2], gru_row), flush=True)
+            print(_fmt(rows[-1], gru_row), flush=True)
+            for target in activities:
+                for backend in backends:
+                    if backend == "reference" and H > reference_max_hidden:
+                        continue
+                    model = egru.EGRU.from_gru(gru, backend=backend)
+                    set_threshold_like(model, target, gru, x)
+                    row = {**base, "model": f"EGRU[{backend}]", "target_activity": target,
+                           "activity": measure_activity(model, x), **time_model(model, x, repeats)}
+                    rows.append(row)
+                    print(_fmt(row, gru_row), flush=True)
+    return rows
+
+
+_thresholds: dict = {}
+
+
+def set_threshold_like(model, target, gru, x) -> None:
+    """Give ``model`` the threshold found for (gru, target) on ``x``, searching it once."""
+    key = (id(gru), target)
+    if key not in _thresholds:
+        probe = egru.EGRU.from_gru(gru, backend="event")
+        set_activity(probe, x, target)
+        _thresholds[key] = probe.threshold_l0.detach().clone()
+    with torch.no_grad():
+        for threshold in model.thresholds():
+            threshold.copy_(_thresholds[key])
+
+
+def _fmt(row, gru_row) -> str:
+    name = row["model"]
+    if "activity" in row:
+        name += f" act={row['activity']:.3f}"
+    fwd, fb = row["forward_s"], row["forward_backward_s"]
+    mem = row.get("peak_memory_bytes", 0) / 2**20
+    return (f"B={row['B']:<3} H={row['H']:<5} {name:<28} fwd {fwd * 1e3:9.1f} ms "
+            f"({gru_row['forward_s'] / fwd:5.2f}x GRU)  fwd+bwd {fb * 1e3:9.1f} ms "
+            f"({gru_row['forward_backward_s'] / fb:5.2f}x GRU)  peak {mem:7.1f} MiB")
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--activity", type=float, nargs="+", default=[1.0, 0.5, 0.1, 0.01],
+                        help="target activities (1 − sparsity)")
+    parser.add_argument("--backends", nargs="+", default=["event", "auto", "reference"])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reference-max-hidden", type=int, default=256,
+                        help="largest H the (slow) reference backend is timed at")
+    parser.add_argument("--quick", action="store_true", help="H=256, activities 0.5 and 0.1, 3 repeats")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.hidden, args.activity, args.repeats = [256], [0.5, 0.1], 3
+    torch.set_num_threads(args.threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    info = machine()
+    print(json.dumps(info))
+    rows = run(args.batch, args.hidden, args.activity, args.backends, args.steps, args.repeats,
+               args.reference_max_hidden)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": info, "args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The event-driven backend against the reference: outputs, final state, events, every gradient.
+
+Shapes are tiny so that the suite also runs quickly with ``NUMBA_DISABLE_JIT=1``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import egru
+from egru import functional
+from egru.kernels import event
+from egru.state import EGRUState
+from egru.surrogate import FastSigmoid, Triangle
+
+numba = pytest.importorskip("numba")
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+# name -> (module kwargs, run options)
+CONFIGS = {
+    "I3-H5-1layer": (dict(input_size=3, hidden_size=5), {}),
+    "I4-H6-2layers-bidir": (dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True), {}),
+    "I3-H5-packed": (dict(input_size=3, hidden_size=5), dict(lengths=[5, 2, 4])),
+    "I3-H4-packed-2layers-bidir": (
+        dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True), dict(lengths=[3, 5, 1])),
+    "I3-H5-given-state": (dict(input_size=3, hidden_size=5, num_layers=2), dict(state=True)),
+    "I3-H5-zoneout-train": (dict(input_size=3, hidden_size=5, zoneout=0.3), dict(train=True)),
+    "I3-H5-zoneout-eval": (dict(input_size=3, hidden_size=5, zoneout=0.3), {}),
+    "I3-H5-dropconnect-dropout": (
+        dict(input_size=3, hidden_size=5, num_layers=2, dropconnect=0.4, dropout=0.2), dict(train=True)),
+    "I3-H5-no-bias-surrogate-k2": (
+        dict(input_size=3, hidden_size=5, bias=False, dampening_factor=1.3, pseudo_derivative_support=2.0), {}),
+    "I3-H6-batch6-parallel-packed-zoneout": (
+        dict(input_size=3, hidden_size=6, num_layers=2, bidirectional=True, zoneout=0.2),
+        dict(batch=6, lengths=[5, 1, 3, 5, 2, 4], train=True, state=True)),
+}
+
+
+def run_module(backend, module_kwargs, options, dtype):
+    """One forward and backward pass; returns (output, final state, records, gradients)."""
+    torch.manual_seed(0)
+    model = egru.EGRU(**module_kwargs, backend=backend, dtype=dtype)
+    with torch.no_grad():  # thresholds spread over the candidates' range: some units fire
+        for threshold in model.thresholds():
+            threshold.uniform_(-0.1, 0.4)
+    model.train(options.get("train", False))
+    T, B = 5, options.get("batch", 3)
+    D = 2 if model.bidirectional else 1
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, model.input_size, dtype=dtype, generator=gen).requires_grad_()
+    hx = None
+    if options.get("state"):
+        shape = (model.num_layers * D, B, model.hidden_size)
+        y0 = torch.randn(shape, dtype=dtype, generator=gen) * (torch.rand(shape, generator=gen) < 0.5)
+        hx = (y0.requires_grad_(), torch.randn(shape, dtype=dtype, generator=gen).requires_grad_())
+    lengths = options.get("lengths")
+    torch.manual_seed(2)  # the same DropConnect, zoneout and dropout masks for every backend
+    if lengths is not None:
+        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+        out, state, records = model(packed, hx, record=True)
+        out = pad_packed_sequence(out)[0]
+    else:
+        out, state, records = model(x, hx, record=True)
+    # a loss that reaches every output: sequence, final state, events and candidate states
+    weights = torch.Generator().manual_seed(3)
+    loss = (out * torch.randn(out.shape, dtype=dtype, generator=weights)).sum()
+    loss = loss + (state.y * torch.randn(state.y.shape, dtype=dtype, generator=weights)).sum()
+    loss = loss + (state.c * torch.randn(state.c.shape, dtype=dtype, generator=weights)).sum()
+    for r in records:
+        valid = r.valid.unsqueeze(-1)
+        loss = loss + functional.activity_penalty(r.e, target=0.1)
+        loss = loss + (r.c_hat * valid * torch.randn(r.c_hat.shape, dtype=dtype, generator=weights)).sum()
+    inputs = [x] + (list(hx) if hx is not None else []) + list(model.parameters())
+    grads = torch.autograd.grad(loss, inputs)
+    names = ["x"] + (["y0", "c0"] if hx is not None else []) + [n for n, _ in model.named_parameters()]
+    return out, state, records, dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend", ["event", "auto"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_module_parity(name, backend, dtype):
+    module_kwargs, options = CONFIGS[name]
+    ref = run_module("reference", module_kwargs, options, dtype)
+    got = run_module(backend, module_kwargs, options, dtype)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(got[1].y, ref[1].y, **tol)
+    torch.testing.assert_close(got[1].c, ref[1].c, **tol)
+    for r_got, r_ref in zip(got[2], ref[2]):
+        assert torch.equal(r_got.e, r_ref.e), "events differ"
+        valid = r_ref.valid.unsqueeze(-1)
+        torch.testing.assert_close(r_got.c_hat * valid, r_ref.c_hat * valid, **tol)
+        assert torch.equal(r_got.recurrent_active, r_ref.recurrent_active)
+    assert any(float(r.e.detach().mean()) > 0 for r in ref[2]), "configuration without events"
+    assert got[3].keys() == ref[3].keys()
+    for key in ref[3]:
+        torch.testing.assert_close(got[3][key], ref[3][key], **tol, msg=lambda m: f"d{key}: {m}")
+
+
+def random_layer(T, B, I, H, dtype, seed, y0_density=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, dtype=dtype, generator=gen)  # noqa: E731
+    y0 = r(B, H) * (torch.rand(B, H, generator=gen) < y0_density)
+    tensors = [r(T, B, I), y0, r(B, H), r(3 * H, I) * 0.6, r(3 * H, H) * 0.6, r(3 * H) * 0.2,
+               r(3 * H) * 0.2, torch.rand(H, dtype=dtype, generator=gen) * 0.4]
+    return [t.requires_grad_() for t in tensors]
+
+
+def layer_with_grads(fn, tensors, surrogate, **kwargs):
+    x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta = tensors
+    out = fn(x, EGRUState(y0, c0), w_ih, w_hh, b_ih, b_hh, theta, surrogate, **kwargs)
+    gen = torch.Generator().manual_seed(7)
+    loss = sum((a * torch.randn(a.shape, dtype=a.dtype, generator=gen)).sum()
+               for a in (out.y, out.state.y, out.state.c, out.e))
+    return out, torch.autograd.grad(loss, tensors)
+
+
+@settings(max_examples=12, deadline=None)
+@given(T=st.integers(1, 5), B=st.integers(1, 5), I=st.integers(1, 4), H=st.integers(1, 6),
+       reverse=st.booleans(), packed=st.booleans(), zoneout=st.sampled_from(["none", "mask", "eval"]),
+       seed=st.integers(0, 2**16))
+def test_layer_parity_random(T, B, I, H, reverse, packed, zoneout, seed):
+    """The backend function itself on random shapes and options, float64."""
+    tensors = random_layer(T, B, I, H, torch.float64, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs = dict(reverse=reverse)
+    if packed:
+        kwargs["lengths"] = torch.randint(1, T + 1, (B,), generator=gen)
+    if zoneout == "mask":
+        kwargs.update(zoneout_p=0.3, zoneout_mask=(torch.rand(T, B, H, generator=gen) > 0.3).double())
+    elif zoneout == "eval":
+        kwargs.update(zoneout_p=0.3)
+    surrogate = Triangle(0.7, 1.5)
+    ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, surrogate, **kwargs)
+    got, got_grads = layer_with_grads(event.egru_layer_event, tensors, surrogate, **kwargs)
+    assert torch.equal(got.e, ref.e)
+    tol = TOL[torch.float64]
+    for a, b in [(got.y, ref.y), (got.state.y, ref.state.y), (got.state.c, ref.state.c)]:
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_sparse_input_path_and_mac_counter():
+    """Work follows events: the recurrent MACs done are 3H·Σ|A_{t-1}|, as the record counts."""
+    torch.manual_seed(0)
+    H, I = 8, 4
+    model = egru.EGRU(I, H, num_layers=2, backend="event", dtype=torch.float64)
+    with torch.no_grad():
+        for threshold in model.thresholds():
+            threshold.fill_(0.25)  # sparse enough that layer 1 takes the event-driven input path
+    x = torch.randn(6, 3, I, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([6, 4, 2]), enforce_sorted=False)
+    event.counters.reset()
+    _, _, records = model(packed, record=True)
+    stats = [egru.layer_stats(r) for r in records]
+    assert 0 < stats[1].activity and stats[0].activity < event.SPARSE_INPUT_DENSITY
+    dense_input = 3 * H * I * stats[0].steps  # the first layer's input product is dense
+    assert event.counters.recurrent + event.counters.input == sum(s.effective_macs for s in stats) - dense_input
+    assert event.counters.input == 3 * H * int((records[1].input_active * records[1].valid).sum())
+    assert event.counters.recurrent < 3 * H * H * (stats[0].steps + stats[1].steps)
+
+
+def test_backward_skips_units_outside_the_support():
+    """Backward cross-unit products only for units that fired or lie in the surrogate's support."""
+    T, B, I, H = 6, 2, 3, 7
+    tensors = random_layer(T, B, I, H, torch.float64, seed=4, y0_density=0.0)
+    surrogate = Triangle(0.7, 4.0)  # a narrow support: few units inside it
+    event.counters.reset()
+    out, _ = layer_with_grads(event.egru_layer_event, tensors, surrogate)
+    with torch.no_grad():
+        in_g = (out.e != 0) | ((out.c_hat - tensors[7]).abs() < surrogate.support)
+    expected = 3 * H * (int(in_g[:-1].sum()) + B * H)  # all units at the first step (for dy_0)
+    assert event.counters.backward_recurrent == expected
+    assert event.counters.backward_weight == 3 * H * int((out.e[:-1] != 0).sum())
+
+
+def test_padded_steps_emit_nothing_and_hold_state():
+    tensors = random_layer(4, 2, 3, 5, torch.float64, seed=5)
+    lengths = torch.tensor([4, 2])
+    out, _ = layer_with_grads(event.egru_layer_event, tensors, Triangle(), lengths=lengths)
+    assert not out.y[2:, 1].any() and not out.e[2:, 1].any()
+    ref = functional.egru_layer(*tensors[:1], EGRUState(*tensors[1:3]), *tensors[3:], Triangle(), lengths=lengths)
+    torch.testing.assert_close(out.state.c, ref.state.c, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_is_an_error_not_a_wrong_answer():
+    tensors = random_layer(3, 1, 2, 3, torch.float64, seed=6)
+    out = event.egru_layer_event(tensors[0], EGRUState(*tensors[1:3]), *tensors[3:], Triangle())
+    (g,) = torch.autograd.grad(out.y.sum() + out.state.c.sum(), tensors[4], create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_unsupported_surrogate_falls_back_to_reference(recwarn):
+    event._warned.clear()
+    model = egru.EGRU(3, 4, backend="event", surrogate=FastSigmoid(), dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="FastSigmoid"):
+        out = model(x)[0]
+    model.backend, model._layer_fn = "reference", functional.egru_layer
+    torch.testing.assert_close(out, model(x)[0])
+    auto = egru.EGRU(3, 4, backend="auto", surrogate=FastSigmoid(), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto(x)  # auto chooses silently
+
+
+def test_missing_numba_warns_once_and_uses_reference(monkeypatch):
+    monkeypatch.setattr(event, "_kernels", None)
+    monkeypatch.setattr(event, "_warned", set())
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
+    monkeypatch.delitem(sys.modules, event._NUMBA_MODULE, raising=False)
+    torch.manual_seed(0)
+    model = egru.EGRU(3, 4, backend="event", dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="numba is not installed") as caught:
+        out = model(x)[0]
+        model(x)
+    assert len([w for w in caught if "numba" in str(w.message)]) == 1
+    reference = egru.EGRU(3, 4, backend="reference", dtype=torch.float64)
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(out, reference(x)[0])
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    """numba refuses ``cache=True`` when it finds no writable cache directory; compile anyway."""
+    kernels = importlib.import_module(event._NUMBA_MODULE)
+    real_njit = numba.njit
+
+    def njit(*args, cache=False, **kwargs):
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return real_njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit)
+
+    @kernels._jit()
+    def add_one(a):
+        return a + 1
+
+    assert add_one(1) == 2
