@@ -4,7 +4,19 @@ For each batch size B and hidden size H (input size = H, T steps), the EGRU's th
 searched so that the layer reaches a target activity on the benchmark input; the activity
 reported is the one measured from the record. Times are medians of repeated runs:
 forward (``torch.no_grad``, eval mode) and forward+backward (loss = sum of the output,
-gradients for the input and every parameter).
+gradients for every parameter).
+
+Two input modes (``--input``), reported as separate rows:
+
+* ``dense``: the first layer of a network. The input is data, a dense random normal
+  ``(T, B, H)`` tensor that needs no gradient (as when training on data), so the input product
+  ``W_ih x`` and its weight gradient are dense whatever the layer's activity.
+* ``sparse``: a stacked layer, whose input is the previous layer's output: events at the same
+  activity as the layer's target (random normal values at a random ``activity`` fraction of
+  the entries), and the input needs a gradient (it flows on to the layer below).
+
+``nn.GRU`` and ``nn.LSTM`` do the same dense work for any input values, so each is timed once
+per (B, H) and input-gradient setting.
 
 Peak memory of forward+backward: the peak of the bytes held by torch's CPU allocator during
 one forward+backward, above what was held before, from the profiler's memory events
@@ -13,6 +25,7 @@ one forward+backward, above what was held before, from the profiler's memory eve
 
     python benchmarks/speed.py --out speed.json           # the full table
     python benchmarks/speed.py --quick                    # a small subset
+    python benchmarks/speed.py --support-k 10 ...         # a narrower surrogate support
 """
 
 from __future__ import annotations
@@ -86,11 +99,11 @@ def set_activity(model, x, target: float) -> float:
     return measure_activity(model, x)
 
 
-def time_model(model, x, repeats: int, *, memory: bool = True) -> dict:
+def time_model(model, x, repeats: int, *, input_grad: bool, memory: bool = True) -> dict:
     model.eval()
     with torch.no_grad():
         forward = median_time(lambda: model(x), repeats)
-    xg = x.clone().requires_grad_()
+    xg = x.clone().requires_grad_(input_grad)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -99,6 +112,14 @@ def time_model(model, x, repeats: int, *, memory: bool = True) -> dict:
         out.sum().backward()
 
     result = {"forward_s": forward, "forward_backward_s": median_time(step, max(1, repeats // 2 + 1))}
+    if isinstance(model, egru.EGRU) and model.backend != "reference":
+        # fraction of the dense W_hᵀδ MACs the backward pass did (1.0: dense mode, see event.py)
+        from egru.kernels import event
+
+        event.counters.reset()
+        step()
+        H, T, B = model.hidden_size, x.shape[0], x.shape[1]
+        result["backward_recurrent_fraction"] = event.counters.backward_recurrent / (3 * H * H * T * B)
     if memory:
         model.zero_grad(set_to_none=True)
         xg.grad = None
@@ -106,39 +127,54 @@ def time_model(model, x, repeats: int, *, memory: bool = True) -> dict:
     return result
 
 
-def run(batches, hiddens, activities, backends, steps, repeats, reference_max_hidden):
+def sparse_events(shape, activity: float, seed: int = 1) -> torch.Tensor:
+    """A stacked layer's input: random normal values at a random ``activity`` fraction of entries."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) < activity)
+
+
+def run(batches, hiddens, activities, backends, steps, repeats, reference_max_hidden, inputs,
+        support_k=1.0):
     rows = []
     for H in hiddens:
         for B in batches:
             torch.manual_seed(0)
-            x = torch.randn(steps, B, H)
+            x_dense = torch.randn(steps, B, H)
             gru = torch.nn.GRU(H, H)
             lstm = torch.nn.LSTM(H, H)
-            base = {"B": B, "H": H, "T": steps}
-            gru_row = {**base, "model": "nn.GRU", **time_model(gru, x, repeats)}
-            rows.append(gru_row)
-            rows.append({**base, "model": "nn.LSTM", **time_model(lstm, x, repeats)})
-            print(_fmt(rows[-2], gru_row), flush=True)
-            print(_fmt(rows[-1], gru_row), flush=True)
-            for target in activities:
-                for backend in backends:
-                    if backend == "reference" and H > reference_max_hidden:
-                        continue
-                    model = egru.EGRU.from_gru(gru, backend=backend)
-                    set_threshold_like(model, target, gru, x)
-                    row = {**base, "model": f"EGRU[{backend}]", "target_activity": target,
-                           "activity": measure_activity(model, x), **time_model(model, x, repeats)}
-                    rows.append(row)
-                    print(_fmt(row, gru_row), flush=True)
+            for mode in inputs:
+                input_grad = mode == "sparse"  # a stacked layer passes its gradient down
+                base = {"B": B, "H": H, "T": steps, "input": mode, "input_grad": input_grad}
+                gru_row = {**base, "model": "nn.GRU",
+                           **time_model(gru, x_dense, repeats, input_grad=input_grad)}
+                rows.append(gru_row)
+                print(_fmt(gru_row, gru_row), flush=True)
+                if mode == "dense":
+                    rows.append({**base, "model": "nn.LSTM",
+                                 **time_model(lstm, x_dense, repeats, input_grad=input_grad)})
+                    print(_fmt(rows[-1], gru_row), flush=True)
+                for target in activities:
+                    x = x_dense if mode == "dense" else sparse_events(x_dense.shape, target)
+                    for backend in backends:
+                        if backend == "reference" and H > reference_max_hidden:
+                            continue
+                        model = egru.EGRU.from_gru(gru, backend=backend, pseudo_derivative_support=support_k)
+                        set_threshold_like(model, (mode, target), gru, x, target)
+                        row = {**base, "model": f"EGRU[{backend}]", "support_k": support_k,
+                               "target_activity": target,
+                               "activity": measure_activity(model, x),
+                               **time_model(model, x, repeats, input_grad=input_grad)}
+                        rows.append(row)
+                        print(_fmt(row, gru_row), flush=True)
     return rows
 
 
 _thresholds: dict = {}
 
 
-def set_threshold_like(model, target, gru, x) -> None:
-    """Give ``model`` the threshold found for (gru, target) on ``x``, searching it once."""
-    key = (id(gru), target)
+def set_threshold_like(model, key, gru, x, target) -> None:
+    """Give ``model`` the threshold found for (gru, key) on ``x``, searching it once."""
+    key = (id(gru), key)
     if key not in _thresholds:
         probe = egru.EGRU.from_gru(gru, backend="event")
         set_activity(probe, x, target)
@@ -154,9 +190,11 @@ def _fmt(row, gru_row) -> str:
         name += f" act={row['activity']:.3f}"
     fwd, fb = row["forward_s"], row["forward_backward_s"]
     mem = row.get("peak_memory_bytes", 0) / 2**20
-    return (f"B={row['B']:<3} H={row['H']:<5} {name:<28} fwd {fwd * 1e3:9.1f} ms "
+    bwd = row.get("backward_recurrent_fraction")
+    return (f"B={row['B']:<3} H={row['H']:<5} {row['input']:<6} {name:<28} fwd {fwd * 1e3:9.1f} ms "
             f"({gru_row['forward_s'] / fwd:5.2f}x GRU)  fwd+bwd {fb * 1e3:9.1f} ms "
-            f"({gru_row['forward_backward_s'] / fb:5.2f}x GRU)  peak {mem:7.1f} MiB")
+            f"({gru_row['forward_backward_s'] / fb:5.2f}x GRU)  peak {mem:7.1f} MiB"
+            + ("" if bwd is None else f"  bwd W_h^T.delta {bwd:4.2f} of dense"))
 
 
 def machine() -> dict:
@@ -177,6 +215,10 @@ def main(argv=None) -> None:
     parser.add_argument("--activity", type=float, nargs="+", default=[1.0, 0.5, 0.1, 0.01],
                         help="target activities (1 − sparsity)")
     parser.add_argument("--backends", nargs="+", default=["event", "auto", "reference"])
+    parser.add_argument("--input", nargs="+", choices=["dense", "sparse"], default=["dense", "sparse"],
+                        help="dense: a first layer's data input; sparse: a stacked layer's event input")
+    parser.add_argument("--support-k", type=float, default=1.0,
+                        help="the surrogate's pseudo_derivative_support k (support half-width 1/k)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -197,7 +239,7 @@ def main(argv=None) -> None:
     info = machine()
     print(json.dumps(info))
     rows = run(args.batch, args.hidden, args.activity, args.backends, args.steps, args.repeats,
-               args.reference_max_hidden)
+               args.reference_max_hidden, args.input, args.support_k)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": info, "args": vars(args), "rows": rows}, f, indent=1)

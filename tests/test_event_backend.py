@@ -5,6 +5,7 @@ Shapes are tiny so that the suite also runs quickly with ``NUMBA_DISABLE_JIT=1``
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import warnings
@@ -43,6 +44,38 @@ CONFIGS = {
         dict(input_size=3, hidden_size=6, num_layers=2, bidirectional=True, zoneout=0.2),
         dict(batch=6, lengths=[5, 1, 3, 5, 2, 4], train=True, state=True)),
 }
+
+
+# modes of the event layer's kernels, forced through its thresholds (see event.py):
+# name -> module attributes of egru.kernels.event to set
+KERNEL_MODES = {
+    # fused backward kernel, W_hᵀδ only for units in G
+    "sparse": dict(DENSE_BACKWARD_DENSITY=2.0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
+    # a matmul per step for W_hᵀδ, dense recurrent weight gradient
+    "dense": dict(DENSE_BACKWARD_DENSITY=0.0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
+    # a matmul per step for W_hᵀδ, event-driven recurrent weight gradient
+    "dense-event-dw": dict(DENSE_BACKWARD_DENSITY=0.0, SPARSE_WEIGHT_GRAD_DENSITY=2.0),
+    # backend "auto" choosing the dense forward product (and the dense backward) always
+    "auto-dense": dict(AUTO_ACTIVITY_LIMIT=-1.0, AUTO_DENSE_MIN_BATCH=0, PARALLEL_MIN_BATCH=0,
+                       DENSE_BACKWARD_DENSITY=0.0),
+}
+
+
+@contextlib.contextmanager
+def kernel_mode(name):
+    saved = {key: getattr(event, key) for key in KERNEL_MODES[name]}
+    for key, value in KERNEL_MODES[name].items():
+        setattr(event, key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(event, key, value)
+
+
+def dense_forward_layer(x, state, *args, lengths=None, zoneout_p=0.0, zoneout_mask=None, reverse=False):
+    """The event layer with the dense recurrent product in the forward pass (as "auto" uses it)."""
+    return event._run_event(x, state, *args, lengths, zoneout_p, zoneout_mask, reverse, dense_forward=True)
 
 
 def run_module(backend, module_kwargs, options, dtype):
@@ -86,12 +119,15 @@ def run_module(backend, module_kwargs, options, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("backend", ["event", "auto"])
+@pytest.mark.parametrize("backend,mode", [("event", "sparse"), ("event", "dense"),
+                                          ("event", "dense-event-dw"), ("auto", "sparse"),
+                                          ("auto", "auto-dense")])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_module_parity(name, backend, dtype):
+def test_module_parity(name, backend, mode, dtype):
     module_kwargs, options = CONFIGS[name]
     ref = run_module("reference", module_kwargs, options, dtype)
-    got = run_module(backend, module_kwargs, options, dtype)
+    with kernel_mode(mode):
+        got = run_module(backend, module_kwargs, options, dtype)
     tol = TOL[dtype]
     torch.testing.assert_close(got[0], ref[0], **tol)
     torch.testing.assert_close(got[1].y, ref[1].y, **tol)
@@ -125,11 +161,12 @@ def layer_with_grads(fn, tensors, surrogate, **kwargs):
     return out, torch.autograd.grad(loss, tensors)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(T=st.integers(1, 5), B=st.integers(1, 5), I=st.integers(1, 4), H=st.integers(1, 6),
        reverse=st.booleans(), packed=st.booleans(), zoneout=st.sampled_from(["none", "mask", "eval"]),
-       seed=st.integers(0, 2**16))
-def test_layer_parity_random(T, B, I, H, reverse, packed, zoneout, seed):
+       mode=st.sampled_from(["sparse", "dense", "dense-event-dw"]),
+       forward=st.sampled_from(["event", "event-split", "dense"]), seed=st.integers(0, 2**16))
+def test_layer_parity_random(T, B, I, H, reverse, packed, zoneout, mode, forward, seed):
     """The backend function itself on random shapes and options, float64."""
     tensors = random_layer(T, B, I, H, torch.float64, seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -142,7 +179,14 @@ def test_layer_parity_random(T, B, I, H, reverse, packed, zoneout, seed):
         kwargs.update(zoneout_p=0.3)
     surrogate = Triangle(0.7, 1.5)
     ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, surrogate, **kwargs)
-    got, got_grads = layer_with_grads(event.egru_layer_event, tensors, surrogate, **kwargs)
+    layer = dense_forward_layer if forward == "dense" else event.egru_layer_event
+    # "event-split": the forward kernel that splits each step's product over threads
+    split, event.SPLIT_MAX_BATCH = event.SPLIT_MAX_BATCH, (100 if forward == "event-split" else 0)
+    try:
+        with kernel_mode(mode):
+            got, got_grads = layer_with_grads(layer, tensors, surrogate, **kwargs)
+    finally:
+        event.SPLIT_MAX_BATCH = split
     assert torch.equal(got.e, ref.e)
     tol = TOL[torch.float64]
     for a, b in [(got.y, ref.y), (got.state.y, ref.state.y), (got.state.c, ref.state.c)]:
@@ -177,12 +221,49 @@ def test_backward_skips_units_outside_the_support():
     tensors = random_layer(T, B, I, H, torch.float64, seed=4, y0_density=0.0)
     surrogate = Triangle(0.7, 4.0)  # a narrow support: few units inside it
     event.counters.reset()
-    out, _ = layer_with_grads(event.egru_layer_event, tensors, surrogate)
+    with kernel_mode("sparse"):
+        out, _ = layer_with_grads(event.egru_layer_event, tensors, surrogate)
     with torch.no_grad():
         in_g = (out.e != 0) | ((out.c_hat - tensors[7]).abs() < surrogate.support)
     expected = 3 * H * (int(in_g[:-1].sum()) + B * H)  # all units at the first step (for dy_0)
     assert event.counters.backward_recurrent == expected
     assert event.counters.backward_weight == 3 * H * int((out.e[:-1] != 0).sum())
+
+
+def test_wide_support_takes_the_dense_backward_and_auto_the_dense_forward():
+    """With the default support (1/k = 1) nearly all units are in G: W_hᵀδ is one matmul per step.
+    "auto" with many samples at high activity computes the forward product densely too."""
+    T, B, I, H = 5, 16, 3, 6
+    tensors = random_layer(T, B, I, H, torch.float64, seed=8)
+    with torch.no_grad():
+        tensors[7].fill_(-1.0)  # every unit fires at every step
+    event.counters.reset()
+    ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, Triangle())
+    got, got_grads = layer_with_grads(event.egru_layer_event, tensors, Triangle())
+    assert event.counters.backward_recurrent == 3 * H * H * T * B  # dense
+    fired = int((got.y[:-1] != 0).sum()) + int((tensors[1] != 0).sum())  # A_{t-1}, y_0 included
+    assert event.counters.recurrent == 3 * H * fired
+    key = id(tensors[7])
+    event._last_activity.pop(key, None)
+    layer_with_grads(event.egru_layer_auto, tensors, Triangle())  # first call: event-driven
+    event.counters.reset()
+    auto, auto_grads = layer_with_grads(event.egru_layer_auto, tensors, Triangle())
+    assert event.counters.recurrent == 3 * H * H * T * B  # dense forward
+    for a, b in zip(auto_grads + got_grads, ref_grads + ref_grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    torch.testing.assert_close(auto.y, ref.y, **TOL[torch.float64])
+
+
+def test_weights_changed_through_data_are_seen():
+    """Writes through ``.data`` (as gradcheck perturbs) do not bump ``_version``; the cached
+    transpose of W_hh must not go stale."""
+    tensors = random_layer(4, 2, 3, 5, torch.float64, seed=9)
+    state = EGRUState(*tensors[1:3])
+    event.egru_layer_event(tensors[0], state, *tensors[3:], Triangle())
+    tensors[4].data[1, 2] += 0.5
+    got = event.egru_layer_event(tensors[0], state, *tensors[3:], Triangle())
+    ref = functional.egru_layer(tensors[0], state, *tensors[3:], Triangle())
+    torch.testing.assert_close(got.y, ref.y, **TOL[torch.float64])
 
 
 def test_padded_steps_emit_nothing_and_hold_state():

@@ -16,8 +16,8 @@ import oracle
 f64 = torch.float64
 
 
-def make_layer(I=3, H=4, L=1, bidirectional=False, **kw):
-    layer = EGRU(I, H, L, bidirectional=bidirectional, dtype=f64, **kw)
+def make_layer(I=3, H=4, L=1, bidirectional=False, backend="reference", **kw):
+    layer = EGRU(I, H, L, bidirectional=bidirectional, dtype=f64, backend=backend, **kw)
     with torch.no_grad():  # spread the thresholds so that some units fire and some do not
         for t in layer.thresholds():
             t.uniform_(0.0, 0.4)
@@ -58,10 +58,11 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("backend", ["reference", "event"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_matches_oracle_outputs_states_and_gradients(name):
+def test_matches_oracle_outputs_states_and_gradients(name, backend):
     cfg = dict(CONFIGS[name])
-    layer = make_layer(I=3, H=5, **cfg).eval()
+    layer = make_layer(I=3, H=5, backend=backend, **cfg).eval()
     x = torch.randn(6, 3, 3, dtype=f64, requires_grad=True)
     y0, c0 = (t.requires_grad_() for t in random_state(layer, 3))
     out, (y_n, c_n) = layer(x, (y0, c0))
@@ -96,15 +97,17 @@ class SmoothStep:
         return self.dampening_factor * (u + 1 - u * u.abs() / 2 - 0.5)
 
 
-@pytest.mark.parametrize("surrogate", ["smooth-triangle", "hard-step-gamma0"])
-def test_gradcheck_every_parameter(surrogate):
+@pytest.mark.parametrize("surrogate,backend", [("smooth-triangle", "reference"),
+                                               ("hard-step-gamma0", "reference"),
+                                               ("hard-step-gamma0", "event")])
+def test_gradcheck_every_parameter(surrogate, backend):
     """float64 gradcheck with respect to input, every weight, bias and threshold, and the state.
 
     "smooth-triangle" exercises the surrogate's derivative wherever ``e`` is used; the hard
     step with γ = 0 checks that, apart from the surrogate, the gradients are exact.
     """
     kw = {"surrogate": SmoothStep()} if surrogate == "smooth-triangle" else {"dampening_factor": 0.0}
-    layer = make_layer(I=2, H=3, L=2, bidirectional=True, **kw)
+    layer = make_layer(I=2, H=3, L=2, bidirectional=True, backend=backend, **kw)
     names = [n for n, _ in layer.named_parameters()]
     x = torch.randn(4, 2, 2, dtype=f64, requires_grad=True)
     y0, c0 = (t.requires_grad_() for t in random_state(layer, 2))
@@ -422,3 +425,17 @@ def test_meta_device_input_is_rejected():
 def test_cell_bad_arguments(args, match):
     with pytest.raises((ValueError, TypeError), match=match):
         EGRUCell(3, 4)(*args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "event", "auto"])
+def test_weights_changed_in_place_are_used_by_the_next_call(backend):
+    """However a weight is changed (optimiser step, ``.data``, ``copy_``), the next call sees it."""
+    layer = make_layer(I=3, H=4, L=2, backend=backend)
+    x = torch.randn(5, 2, 3, dtype=f64)
+    layer(x)
+    layer.weight_hh_l0.data.mul_(2.0)
+    with torch.no_grad():
+        layer.weight_ih_l1.add_(0.5)
+    reference = make_layer(I=3, H=4, L=2)
+    reference.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x)[0], reference(x)[0], rtol=1e-10, atol=1e-12)

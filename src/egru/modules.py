@@ -35,6 +35,16 @@ def _check_positive_int(name: str, n) -> None:
         raise ValueError(f"{name} must be a positive integer, got {n!r}")
 
 
+def _check_cell_arguments(input_size, hidden_size, threshold_mean, threshold_init, zoneout) -> None:
+    _check_positive_int("input_size", input_size)
+    _check_positive_int("hidden_size", hidden_size)
+    _check_probability("zoneout", zoneout)
+    if not 0 < threshold_mean < 1:
+        raise ValueError(f"threshold_mean must be in (0, 1), got {threshold_mean!r}")
+    if threshold_init not in THRESHOLD_INITS:
+        raise ValueError(f"threshold_init must be one of {THRESHOLD_INITS}, got {threshold_init!r}")
+
+
 def init_thresholds_(threshold: torch.Tensor, mean: float, method: str = "beta") -> torch.Tensor:
     """Fill ``threshold`` in place (SPEC §1, thresholds).
 
@@ -102,7 +112,9 @@ class EGRU(_ThresholdMixin, nn.Module):
         dropconnect: probability of dropping a recurrent weight (one mask per call).
         surrogate: a surrogate object (see :mod:`egru.surrogate`); overrides the two
             triangle arguments.
-        backend: how layers are computed; see :func:`egru.backends.available`.
+        backend: how layers are computed: ``"auto"`` (default: per call the faster of the
+            event-driven kernels and dense products), ``"event"`` or ``"reference"`` (plain
+            PyTorch over a time loop); see :mod:`egru.backends`.
 
     Inputs: ``input, hx=None``
         input: ``(T, B, I)``, ``(B, T, I)`` with ``batch_first``, ``(T, I)`` unbatched, or a
@@ -138,18 +150,13 @@ class EGRU(_ThresholdMixin, nn.Module):
         zoneout: float = 0.0,
         dropconnect: float = 0.0,
         surrogate=None,
-        backend: str = "reference",
+        backend: str = "auto",
     ):
         super().__init__()
-        _check_positive_int("input_size", input_size)
-        _check_positive_int("hidden_size", hidden_size)
+        _check_cell_arguments(input_size, hidden_size, threshold_mean, threshold_init, zoneout)
         _check_positive_int("num_layers", num_layers)
-        for name, p in (("dropout", dropout), ("zoneout", zoneout), ("dropconnect", dropconnect)):
-            _check_probability(name, p)
-        if not 0 < threshold_mean < 1:
-            raise ValueError(f"threshold_mean must be in (0, 1), got {threshold_mean!r}")
-        if threshold_init not in THRESHOLD_INITS:
-            raise ValueError(f"threshold_init must be one of {THRESHOLD_INITS}, got {threshold_init!r}")
+        _check_probability("dropout", dropout)
+        _check_probability("dropconnect", dropconnect)
         self._layer_fn = backends.resolve(backend)
         self.backend = backend
         self.input_size = input_size
@@ -393,11 +400,7 @@ class EGRUCell(_ThresholdMixin, nn.Module):
         surrogate=None,
     ):
         super().__init__()
-        _check_positive_int("input_size", input_size)
-        _check_positive_int("hidden_size", hidden_size)
-        _check_probability("zoneout", zoneout)
-        if not 0 < threshold_mean < 1:
-            raise ValueError(f"threshold_mean must be in (0, 1), got {threshold_mean!r}")
+        _check_cell_arguments(input_size, hidden_size, threshold_mean, threshold_init, zoneout)
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
         self.zoneout = float(zoneout)
         self.threshold_mean, self.threshold_init = threshold_mean, threshold_init

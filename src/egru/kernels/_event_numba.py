@@ -8,9 +8,9 @@ Layout. ``G = 3H`` gate rows in ``torch.nn.GRU`` order (r, z, n). Recurrent weig
 transposed, ``w_hh_t`` of shape (H, G): row ``j`` is everything unit ``j`` sends, so the
 event-driven product reads one contiguous row per event.
 
-Parallelism (numba ``prange``): the time loop is sequential; inside a step, the recurrent
-product is split over slices of the G gate rows (no two threads write the same entry), the
-elementwise cell over samples, the backward products over units.
+Parallelism (numba ``prange``): the forward pass runs whole sequences per sample (samples are
+independent); in the backward pass the time loop is sequential and, inside a step, the
+elementwise cell is split over samples and the cross-unit products over units.
 """
 
 from __future__ import annotations
@@ -58,6 +58,72 @@ def _axpy(out, v, row):
         out[i] += v * row[i]
 
 
+# exp(x) = 2^n·exp(r), x = n·ln 2 + r, |r| ≤ ln(2)/2: Cody–Waite reduction (ln 2 split in two so
+# that n·LN2_HI is exact) and the Taylor polynomial of degree 13 (truncation < 1e-17 relative).
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+
+
+@_jit(fastmath=_CONTRACT, inline="always")
+def _exp(x):
+    """``exp(x)`` of a float64 to about 2 ulp, in arithmetic only (no libm call), so that a loop
+    calling it is vectorised by LLVM; libm's exp and tanh are scalar calls and were most of the
+    cell's time. Clamped to [−708, 709]: beyond, the sigmoid and tanh built on it are exact 0/±1
+    to float64 precision anyway (exp(−708) ≈ 3e−308)."""
+    x = min(max(x, -708.0), 709.0)
+    n = np.floor(x * _LOG2E + 0.5)
+    r = x - n * _LN2_HI - n * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    # 2^n from its bit pattern (n is in [−1021, 1023] after the clamp: a normal float64)
+    return p * np.int64((np.int64(n) + 1023) << 52).view(np.float64)
+
+
+# error_model="numpy": no ZeroDivisionError check on ``/`` (the denominators here are ≥ 1),
+# whose branch would keep LLVM from vectorising the loop.
+@_jit(fastmath=_CONTRACT, error_model="numpy")
+def _cell_forward(gates, gh, c, zmask, zmode, zp, gh_n, c_hat):
+    """The gates and candidate state of one sample and step, as a loop LLVM can vectorise.
+
+    gates (G,): in, the input part ``W_ih x_t + b_ih``; out, ``(r, z, n)``. gh (G,): the
+    recurrent part ``W_hh y_{t-1} + b_hh``. c (H,): ``c_{t-1}``. zmask (H,): zoneout keep-mask
+    (read for ZONEOUT_MASK only). Writes gh_n (H,) = ``W_hn y_{t-1} + b_hn`` and c_hat (H,).
+    Computed in float64 and rounded once when stored (float32 data: within an ulp of torch's
+    float32 arithmetic); events are taken afterwards from the stored c_hat.
+    """
+    H = c.shape[0]
+    for i in range(H):
+        r = 1.0 / (1.0 + _exp(-(np.float64(gates[i]) + gh[i])))
+        z = 1.0 / (1.0 + _exp(-(np.float64(gates[H + i]) + gh[H + i])))
+        hn = np.float64(gh[2 * H + i])
+        a = np.float64(gates[2 * H + i]) + r * hn
+        nn = 1.0 - 2.0 / (_exp(2.0 * a) + 1.0)  # tanh(a), to ~2e−16 absolute
+        cp = np.float64(c[i])
+        ch = (1.0 - z) * nn + z * cp
+        if zmode == ZONEOUT_MASK:
+            ch = cp + zmask[i] * (ch - cp)
+        elif zmode == ZONEOUT_EVAL:
+            ch = zp * cp + (1.0 - zp) * ch
+        gates[i] = r
+        gates[H + i] = z
+        gates[2 * H + i] = nn
+        gh_n[i] = hn
+        c_hat[i] = ch
+
+
 @_jit()
 def _group_by_unit(idx, count, value, samples, start, units, ent_b, ent_v):
     """Turn per-sample event lists into per-unit lists (a counting sort).
@@ -92,7 +158,7 @@ def _group_by_unit(idx, count, value, samples, start, units, ent_b, ent_v):
 
 
 @_jit(parallel=True, fastmath=_CONTRACT)
-def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp, n_chunks,
+def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
                   y, c_hat, gh_n, y_last, c_last, macs):
     """One layer and direction over a whole sequence; event-driven recurrent product.
 
@@ -101,84 +167,191 @@ def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
                        out: ``(r, z, n)`` of every valid step (kept for the backward pass).
       w_hh_t (H, G), b_hh (G,), theta (H,), y0 and c0 (B, H), lengths (B,) int64 in [0, T].
       zmode: ZONEOUT_NONE, ZONEOUT_MASK (keep-mask zmask (T, B, H)) or ZONEOUT_EVAL (p = zp).
-      n_chunks: number of slices of the G gate rows the product is split into.
     Outputs, zero on entry:
       y, c_hat, gh_n (T, B, H): outputs, candidate states and ``W_hn y_{t-1} + b_hn``;
       y_last, c_last (B, H): state after each sample's last step;
       macs (B,) int64: multiply-accumulates done in the recurrent product, ``G·|A_{t-1}|``
       summed over the valid steps.
     Padded steps (``t >= lengths[b]``) are skipped: their outputs stay zero.
+
+    Samples are independent in the forward pass, so each thread runs whole sequences of its
+    samples (one parallel region per call, no synchronisation per step). Per step a sample adds
+    the rows of ``w_hh_t`` of its fired units into its own gh row, which stays in L1/L2; an
+    earlier unit-major order (each row read once per step for all samples that fired it) was
+    2–3× slower at B = 32: it swept every sample's gh row through the cache per unit.
     """
     T, B, G = gates.shape
     H = G // 3
-    c = c0.copy()
-    # events of the previous step, per sample: act[b, :n_act[b]] (units), values in y_prev
+    c_last[:] = c0
+    y_last[:] = y0
+    # fired units of the previous step, per sample: act[b, :n] (values in y_last[b])
+    act = np.empty((B, H), np.int64)
+    gh = np.empty((B, G), y.dtype)
+    for b in prange(B):
+        n = 0
+        for j in range(H):
+            if y0[b, j] != 0:
+                act[b, n] = j
+                n += 1
+        for t in range(lengths[b]):
+            # gh = b_hh + Σ_{j fired} y_j · W_hh[:, j]
+            gh[b, :] = b_hh
+            for q in range(n):
+                j = act[b, q]
+                _axpy(gh[b], y_last[b, j], w_hh_t[j])
+            macs[b] += G * n
+            zm = zmask[t, b] if zmode == ZONEOUT_MASK else zmask[0, 0]
+            _cell_forward(gates[t, b], gh[b], c_last[b], zm, zmode, zp, gh_n[t, b], c_hat[t, b])
+            n = _fire(c_hat[t, b], theta, y[t, b], y_last[b], c_last[b], act[b])
+
+
+@_jit(parallel=True, fastmath=_CONTRACT)
+def layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp, n_chunks,
+                        y, c_hat, gh_n, y_last, c_last, macs):
+    """:func:`layer_forward` for fewer samples than threads: the recurrent product of each
+    step is split over slices of the G gate rows instead, one per thread.
+
+    With one sample the product reads ``|A_{t-1}|`` rows of ``w_hh_t`` from the last-level
+    cache per step and is bound by that bandwidth; two cores read twice as fast, which pays
+    for waking the threads once per step. n_chunks: the number of slices (the threads); other
+    arguments and outputs as in :func:`layer_forward`.
+    """
+    T, B, G = gates.shape
+    H = G // 3
+    width = (G + n_chunks - 1) // n_chunks
+    c_last[:] = c0
+    y_last[:] = y0
     act = np.empty((B, H), np.int64)
     n_act = np.zeros(B, np.int64)
-    y_prev = y0.copy()
     for b in range(B):
         for j in range(H):
             if y0[b, j] != 0:
                 act[b, n_act[b]] = j
                 n_act[b] += 1
-    start = np.zeros(H + 1, np.int64)
-    units = np.empty(H, np.int64)
-    ent_b = np.empty(B * H, np.int64)
-    ent_v = np.empty(B * H, y.dtype)
     gh = np.empty((B, G), y.dtype)
-    # a 1 of the data's dtype: float32 data is computed in float32 (expf, tanhf), like torch
-    one = np.ones(1, y.dtype)[0]
-    width = (G + n_chunks - 1) // n_chunks
     for t in range(T):
-        valid = lengths > t
-        n_units = _group_by_unit(act, n_act, y_prev, valid, start, units, ent_b, ent_v)
-        # gh = b_hh + Σ_{j fired} y_j · W_hh[:, j]; a row of w_hh_t is reused by every
-        # sample in which that unit fired while it is in cache
         for q in prange(n_chunks):
             lo = q * width
             hi = min(G, lo + width)
             for b in range(B):
-                if valid[b]:
+                if lengths[b] > t:
                     gh[b, lo:hi] = b_hh[lo:hi]
-            for u in range(n_units):
-                j = units[u]
-                for p in range(start[j], start[j + 1]):
-                    b = ent_b[p]
-                    v = ent_v[p]
-                    _axpy(gh[b, lo:hi], v, w_hh_t[j, lo:hi])
-        for b in prange(B):
-            if not valid[b]:
-                continue
-            macs[b] += G * n_act[b]
-            n = 0
-            for i in range(H):
-                r = one / (one + np.exp(-(gates[t, b, i] + gh[b, i])))
-                z = one / (one + np.exp(-(gates[t, b, H + i] + gh[b, H + i])))
-                hn = gh[b, 2 * H + i]
-                nn = np.tanh(gates[t, b, 2 * H + i] + r * hn)
-                cp = c[b, i]
-                ch = (one - z) * nn + z * cp
-                if zmode == ZONEOUT_MASK:
-                    ch = cp + zmask[t, b, i] * (ch - cp)
-                elif zmode == ZONEOUT_EVAL:
-                    ch = zp * cp + (1 - zp) * ch
-                gates[t, b, i] = r
-                gates[t, b, H + i] = z
-                gates[t, b, 2 * H + i] = nn
-                gh_n[t, b, i] = hn
-                c_hat[t, b, i] = ch
-                if ch > theta[i]:  # event: output the value, reset by the threshold
-                    y[t, b, i] = ch
-                    y_prev[b, i] = ch
-                    c[b, i] = ch - theta[i]
-                    act[b, n] = i
-                    n += 1
-                else:
-                    y_prev[b, i] = 0
-                    c[b, i] = ch
-            n_act[b] = n
-    y_last[:] = y_prev
-    c_last[:] = c
+                    for p in range(n_act[b]):
+                        j = act[b, p]
+                        _axpy(gh[b, lo:hi], y_last[b, j], w_hh_t[j, lo:hi])
+        for b in range(B):
+            if lengths[b] > t:
+                macs[b] += G * n_act[b]
+                zm = zmask[t, b] if zmode == ZONEOUT_MASK else zmask[0, 0]
+                _cell_forward(gates[t, b], gh[b], c_last[b], zm, zmode, zp, gh_n[t, b], c_hat[t, b])
+                n_act[b] = _fire(c_hat[t, b], theta, y[t, b], y_last[b], c_last[b], act[b])
+
+
+@_jit()
+def _fire(c_hat, theta, y, y_prev, c, act):
+    """Events of one sample and step from the stored (rounded) candidate state c_hat (H,).
+
+    Writes y (H,) (zero on entry), y_prev (H,) (the output, for the next step), c (H,) (the
+    state after the reset) and the fired units into act[:n]; returns n.
+    """
+    n = 0
+    for i in range(c_hat.shape[0]):
+        ch = c_hat[i]
+        if ch > theta[i]:  # event: output the value, reset by the threshold
+            y[i] = ch
+            y_prev[i] = ch
+            c[i] = ch - theta[i]
+            act[n] = i
+            n += 1
+        else:
+            y_prev[i] = 0
+            c[i] = ch
+    return n
+
+
+@_jit(fastmath=_CONTRACT)
+def forward_cell_step(t, gates, gh, theta, lengths, zmode, zmask, zp, y_prev, c, act, y, c_hat,
+                      gh_n):
+    """The cell of step ``t`` for every valid sample, given the recurrent part gh (B, G) (the
+    dense mode: the caller runs the time loop and computes ``gh = b_hh + y_{t-1}·W_hhᵀ`` with
+    one matmul per step, faster than events when most units fire).
+
+    y_prev, c (B, H): in, the state after step t−1; out, after step t (samples past their end
+    keep theirs). act (B, H) int64: scratch. Other arguments as in :func:`layer_forward`.
+    One thread: the vectorised cell is a fraction of the step's matmul, and handing the cores
+    back and forth between torch's and numba's thread pools every step cost more (measured).
+    """
+    B = y_prev.shape[0]
+    for b in range(B):
+        if lengths[b] > t:
+            zm = zmask[t, b] if zmode == ZONEOUT_MASK else zmask[0, 0]
+            _cell_forward(gates[t, b], gh[b], c[b], zm, zmode, zp, gh_n[t, b], c_hat[t, b])
+            _fire(c_hat[t, b], theta, y[t, b], y_prev[b], c[b], act[b])
+
+
+@_jit(fastmath=_CONTRACT)
+def _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma, k, g_y, g_e,
+                   g_c_hat, has_g_e, has_g_c_hat, dy, dc, d_gi, dgh, d_theta):
+    """The elementwise part of one step of BPTT for sample ``b`` (all its H units).
+
+    Reads dy[b], dc[b] (gradients reaching ``y_t`` from later steps, and ``c_t``) and the
+    saved forward values of step ``t``; writes d_gi[t, b] (gradient of ``W_ih x_t + b_ih``),
+    dgh[b] (gradient of ``W_hh y_{t-1} + b_hh``), dc[b] (now the gradient of ``c_{t-1}``)
+    and accumulates d_theta[b]. Arguments as in :func:`layer_backward`.
+    """
+    H = theta.shape[0]
+    for i in range(H):
+        th = theta[i]
+        ch = c_hat[t, b, i]
+        fired = ch > th
+        e = 1.0 if fired else 0.0
+        sg = gamma * max(0.0, 1.0 - k * abs(ch - th))
+        if t == 0:
+            cp = c0[b, i]
+        else:
+            cp = c_hat[t - 1, b, i]
+            if cp > th:
+                cp = cp - th
+        r = gates[t, b, i]
+        z = gates[t, b, H + i]
+        nn = gates[t, b, 2 * H + i]
+        gy = dy[b, i] + g_y[t, b, i]
+        gc = dc[b, i]
+        # y = e·ĉ, c = ĉ − e·ϑ, e = H(ĉ − ϑ)
+        ge = gy * ch - gc * th
+        if has_g_e:
+            ge += g_e[t, b, i]
+        gv = ge * sg
+        gch = gy * e + gc + gv
+        if has_g_c_hat:
+            gch += g_c_hat[t, b, i]
+        d_theta[b, i] += -gv - gc * e
+        # zoneout
+        if zmode == ZONEOUT_MASK:
+            m = zmask[t, b, i]
+            gch0 = m * gch
+            gcp = gch - m * gch
+        elif zmode == ZONEOUT_EVAL:
+            gch0 = (1 - zp) * gch
+            gcp = zp * gch
+        else:
+            gch0 = gch
+            gcp = 0.0
+        # ĉ0 = (1 − z)·n + z·c_{t-1}
+        gn = gch0 * (1 - z)
+        gz = gch0 * (cp - nn)
+        gcp += gch0 * z
+        # n = tanh(i_n + r·h_n), z = σ(i_z + h_z), r = σ(i_r + h_r)
+        ga_n = gn * (1 - nn * nn)
+        ga_z = gz * z * (1 - z)
+        ga_r = ga_n * gh_n[t, b, i] * r * (1 - r)
+        d_gi[t, b, i] = ga_r
+        d_gi[t, b, H + i] = ga_z
+        d_gi[t, b, 2 * H + i] = ga_n
+        dgh[b, i] = ga_r
+        dgh[b, H + i] = ga_z
+        dgh[b, 2 * H + i] = ga_n * r
+        dc[b, i] = gcp
 
 
 @_jit(parallel=True, fastmath=_CONTRACT)
@@ -200,6 +373,8 @@ def layer_backward(gates, gh_n, c_hat, y, y0, c0, theta, w_hh_t, lengths, zmode,
       the weight gradient.
     Only units in G_{t-1} (fired, or inside the surrogate's support) need ``W_hᵀδ_t``; only
     units in A_{t-1} (fired) contribute a column ``δ_t ⊗ y_{t-1}`` to the weight gradient.
+    When most units are in G (a wide surrogate support), the caller uses
+    :func:`backward_cell_step` with a dense product instead.
     """
     T, B, G = gates.shape
     H = G // 3
@@ -217,58 +392,8 @@ def layer_backward(gates, gh_n, c_hat, y, y0, c0, theta, w_hh_t, lengths, zmode,
         for b in prange(B):
             if not valid[b]:
                 continue
-            for i in range(H):
-                th = theta[i]
-                ch = c_hat[t, b, i]
-                fired = ch > th
-                e = 1.0 if fired else 0.0
-                sg = gamma * max(0.0, 1.0 - k * abs(ch - th))
-                if t == 0:
-                    cp = c0[b, i]
-                else:
-                    cp = c_hat[t - 1, b, i]
-                    if cp > th:
-                        cp = cp - th
-                r = gates[t, b, i]
-                z = gates[t, b, H + i]
-                nn = gates[t, b, 2 * H + i]
-                gy = dy[b, i] + g_y[t, b, i]
-                gc = dc[b, i]
-                # y = e·ĉ, c = ĉ − e·ϑ, e = H(ĉ − ϑ)
-                ge = gy * ch - gc * th
-                if has_g_e:
-                    ge += g_e[t, b, i]
-                gv = ge * sg
-                gch = gy * e + gc + gv
-                if has_g_c_hat:
-                    gch += g_c_hat[t, b, i]
-                d_theta[b, i] += -gv - gc * e
-                # zoneout
-                if zmode == ZONEOUT_MASK:
-                    m = zmask[t, b, i]
-                    gch0 = m * gch
-                    gcp = gch - m * gch
-                elif zmode == ZONEOUT_EVAL:
-                    gch0 = (1 - zp) * gch
-                    gcp = zp * gch
-                else:
-                    gch0 = gch
-                    gcp = 0.0
-                # ĉ0 = (1 − z)·n + z·c_{t-1}
-                gn = gch0 * (1 - z)
-                gz = gch0 * (cp - nn)
-                gcp += gch0 * z
-                # n = tanh(i_n + r·h_n), z = σ(i_z + h_z), r = σ(i_r + h_r)
-                ga_n = gn * (1 - nn * nn)
-                ga_z = gz * z * (1 - z)
-                ga_r = ga_n * gh_n[t, b, i] * r * (1 - r)
-                d_gi[t, b, i] = ga_r
-                d_gi[t, b, H + i] = ga_z
-                d_gi[t, b, 2 * H + i] = ga_n
-                dgh[b, i] = ga_r
-                dgh[b, H + i] = ga_z
-                dgh[b, 2 * H + i] = ga_n * r
-                dc[b, i] = gcp
+            _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma, k,
+                           g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, dy, dc, d_gi, dgh, d_theta)
             for i in range(G):
                 d_b_hh[b, i] += dgh[b, i]
             # G_{t-1}: the units whose output gradient matters (all of them for y_0)
@@ -303,6 +428,41 @@ def layer_backward(gates, gh_n, c_hat, y, y0, c0, theta, w_hh_t, lengths, zmode,
                     _axpy(d_w_hh_t[j], v, dgh[b])
     d_y0[:] = dy
     d_c0[:] = dc
+
+
+@_jit(parallel=True, fastmath=_CONTRACT)
+def backward_cell_step(t, gates, gh_n, c_hat, c0, theta, lengths, zmode, zmask, zp, gamma, k,
+                       g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, dy, dc, d_gi, dgh, d_theta):
+    """The elementwise part of step ``t`` of BPTT for every valid sample (the dense mode).
+
+    The caller runs the time loop and computes the cross-unit product ``dy = dgh·W_hh`` with
+    a dense matmul in between (at most a few units outside the surrogate's support make
+    skipping them not worth it), and the weight gradients after the loop from d_gi.
+    Arguments as in :func:`layer_backward`; dy, dc (B, H) carry the gradients between steps
+    (in: reaching ``y_t``, ``c_t``; out: dc reaches ``c_{t-1}``, dgh (B, G) is the gradient of
+    ``W_hh y_{t-1} + b_hh`` of the valid samples).
+    """
+    B = dy.shape[0]
+    for b in prange(B):
+        if lengths[b] > t:
+            _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma, k,
+                           g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, dy, dc, d_gi, dgh, d_theta)
+
+
+@_jit(parallel=True)
+def fingerprint(bits):
+    """A position-weighted sum (mod 2^64) of the bit patterns bits (N,) uint32 of an array.
+
+    Any change of one entry changes it; a change of several entries leaves it unchanged only
+    by an accident of probability about 2^-64. Reads the array once (memory speed).
+    """
+    acc = np.uint64(0)
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    for i in prange(bits.shape[0]):
+        # an odd multiplier per position (Weyl sequence), so that moved entries count too
+        weight = (np.uint64(i) * golden) | np.uint64(1)
+        acc += (np.uint64(bits[i]) + np.uint64(1)) * weight
+    return acc
 
 
 @_jit(parallel=True, fastmath=_CONTRACT)
@@ -360,8 +520,11 @@ def sparse_weight_grad(x, d_out, d_w_t):
     return G * start[I]
 
 
-# Serial twins of the time-loop kernels. With few samples a step is too little work to pay for
-# waking threads twice per step, so the caller picks these below a batch size.
+# Serial twins of the time-loop kernels: the forward one for a single numba thread, the backward
+# ones below a batch size (with few samples a step is too little work to pay for waking threads
+# twice per step).
 # (getattr: with NUMBA_DISABLE_JIT=1 the decorated kernels are the Python functions themselves.)
 layer_forward_serial = _jit(fastmath=_CONTRACT)(getattr(layer_forward, "py_func", layer_forward))
 layer_backward_serial = _jit(fastmath=_CONTRACT)(getattr(layer_backward, "py_func", layer_backward))
+backward_cell_step_serial = _jit(fastmath=_CONTRACT)(
+    getattr(backward_cell_step, "py_func", backward_cell_step))

@@ -9,7 +9,17 @@ state, events and every gradient) to float rounding. The work follows the events
   sparse (a stacked layer's input is the previous layer's ``y``);
 * backward (sparse BPTT), ``W_hhᵀ·δ_t`` is computed only for units that fired or lie inside the
   surrogate's support at step ``t−1``, the recurrent weight gradient only from units that fired;
-  the input gradients are one matmul after the time loop.
+  the input gradients are one matmul after the time loop, and the gradient of the input is
+  skipped when the input needs none (a first layer's data).
+
+Dense modes. With the default surrogate (support half-width ``1/k = 1``) nearly every unit lies
+inside the support at every activity, so ``W_hhᵀ·δ_t`` has nothing to skip: when the fraction of
+units in G is at least :data:`DENSE_BACKWARD_DENSITY`, the backward pass computes it with one
+matmul per step (BLAS) instead, and the recurrent weight gradient with one matmul after the loop
+(or event-driven when few units fired, :data:`SPARSE_WEIGHT_GRAD_DENSITY`). Both give the same
+gradients (a unit outside G gets a value that is multiplied by zero). ``"auto"`` also computes
+the forward recurrent product densely (one matmul per step) for many samples at high activity.
+The elementwise cell runs in the same numba kernels in every mode.
 
 What is saved for the backward pass is the gates ``(r, z, n)``, ``W_hn y + b_hn``, the outputs
 and candidate states; events and previous states are recomputed from them exactly.
@@ -24,20 +34,19 @@ differentiated again (double backward raises an error).
 
 Where a combination is not supported (another surrogate, CUDA tensors, another dtype, numba
 missing), ``"event"`` warns once and computes with the reference backend; ``"auto"`` silently
-does the same. ``"auto"`` also chooses the reference (dense products) per call where the
-event-driven kernels would be slower: forward only (no gradient needed), at least
-``PARALLEL_MIN_BATCH`` samples, and an activity of at least ``AUTO_ACTIVITY_LIMIT`` at this
-layer's previous call.
+does the same. ``"auto"`` chooses the dense forward product per call (see
+:func:`prefers_event`): at least ``AUTO_DENSE_MIN_BATCH`` samples and an activity of at least
+``AUTO_ACTIVITY_LIMIT`` at this layer's previous call.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 import warnings
 import weakref
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..functional import LayerOutput, egru_layer, reverse_padded, valid_steps
@@ -85,7 +94,8 @@ class Counters:
 
     ``recurrent``: forward recurrent product, ``3H·Σ|A_{t-1}|`` over valid steps and samples;
     ``input``: forward input product when it ran event-driven (``3H·nnz(x)`` over valid steps);
-    ``backward_recurrent``: ``W_hᵀδ`` products; ``backward_weight``: recurrent weight gradient.
+    ``backward_recurrent``: ``W_hᵀδ`` products; ``backward_weight``: recurrent weight gradient
+    (in the dense modes, the dense matmuls' MACs).
     """
 
     def __init__(self):
@@ -106,24 +116,36 @@ class _TransposeCache:
     """``w.t().contiguous()`` of parameters, kept while a parameter is unchanged.
 
     A transpose of ``W_hh`` costs about as much as the whole recurrent product of a short,
-    very sparse sequence; parameters change only at optimiser steps (their ``_version``).
+    very sparse sequence; parameters change only at optimiser steps. Autograd's version counter
+    (``_version``) sees in-place changes through the tensor and its views, but not writes
+    through ``.data`` (as ``torch.autograd.gradcheck`` perturbs inputs) or through numpy views,
+    so an entry is reused only if a fingerprint of the contents (one read of ``w``, about a
+    tenth of the cost of transposing it) matches too.
     """
 
     def __init__(self, size: int = 32):
         self.size = size
         self.entries: dict = {}
 
+    @staticmethod
+    def _fingerprint(w: torch.Tensor) -> int:
+        bits = w.detach().contiguous().view(-1).view(torch.int32).numpy().view("uint32")
+        with np.errstate(over="ignore"):  # wrapping is intended (seen without the JIT only)
+            return int(load_kernels().fingerprint(bits))
+
     def get(self, w: torch.Tensor) -> torch.Tensor:
         if w.requires_grad and w.grad_fn is not None:  # a fresh product (DropConnect): no reuse
             return w.detach().t().contiguous()
         key = id(w)
         hit = self.entries.get(key)
-        if hit is not None and hit[0]() is w and hit[1] == w._version:
-            return hit[2]
+        fingerprint = self._fingerprint(w)
+        if (hit is not None and hit[0]() is w and hit[1] == w._version
+                and hit[2] == w.data_ptr() and hit[3] == fingerprint):
+            return hit[4]
         w_t = w.detach().t().contiguous()
         if len(self.entries) >= self.size:
             self.entries.pop(next(iter(self.entries)))
-        self.entries[key] = (weakref.ref(w), w._version, w_t)
+        self.entries[key] = (weakref.ref(w), w._version, w.data_ptr(), fingerprint, w_t)
         return w_t
 
 
@@ -138,7 +160,8 @@ class _EventLayer(torch.autograd.Function):
     """One layer/direction in processing order: ``(y, c_hat, e, y_last, c_last)``."""
 
     @staticmethod
-    def forward(ctx, x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zmask, zoneout_p, gamma, k):
+    def forward(ctx, x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zmask, zoneout_p, gamma, k,
+                dense_forward):
         K = load_kernels()
         T, B, I = x.shape
         H = w_hh.shape[1]
@@ -174,13 +197,18 @@ class _EventLayer(torch.autograd.Function):
         macs = torch.zeros(B, dtype=torch.int64)
         w_hh_t = _transposed.get(w_hh)
         parallel = _parallel(B)
-        forward = K.layer_forward if parallel else K.layer_forward_serial
-        forward(gates.numpy(), w_hh_t.numpy(), b_hh_.contiguous().numpy(),
-                        theta.detach().contiguous().numpy(), y0.detach().contiguous().numpy(),
-                        c0.detach().contiguous().numpy(), len_np, zmode, zm.numpy(),
-                        float(zoneout_p), _n_chunks(G), y.numpy(), c_hat.numpy(), gh_n.numpy(),
-                        y_last.numpy(), c_last.numpy(), macs.numpy())
-        counters.recurrent += int(macs.sum())
+        theta_ = theta.detach().contiguous()
+        if dense_forward:
+            _dense_recurrent_forward(K, gates, w_hh_t, b_hh_.contiguous(), theta_,
+                                     y0.detach(), c0.detach(), len_np, zmode, zm, float(zoneout_p),
+                                     y, c_hat, gh_n, y_last, c_last)
+        else:
+            forward, n_chunks = _forward_kernel(K, B)
+            forward(gates.numpy(), w_hh_t.numpy(), b_hh_.contiguous().numpy(), theta_.numpy(),
+                    y0.detach().contiguous().numpy(), c0.detach().contiguous().numpy(), len_np,
+                    zmode, zm.numpy(), float(zoneout_p), *n_chunks, y.numpy(), c_hat.numpy(),
+                    gh_n.numpy(), y_last.numpy(), c_last.numpy(), macs.numpy())
+            counters.recurrent += int(macs.sum())
         counters.calls += 1
         e = ((c_hat > theta.detach()) & valid.unsqueeze(-1)).to(x.dtype)
 
@@ -205,48 +233,154 @@ class _EventLayer(torch.autograd.Function):
         def arr(g, shape):
             return (torch.zeros(shape, dtype=x.dtype) if g is None else g.contiguous()).numpy()
 
+        y0_, c0_, theta_ = (a.detach().contiguous() for a in (y0, c0, theta))
+        # (T, B, H) incoming gradients, and (B, H) ones of the final state
+        grads = (arr(g_y, (T, B, H)), (dummy if g_e is None else g_e.contiguous()).numpy(),
+                 (dummy if g_c_hat is None else g_c_hat.contiguous()).numpy(),
+                 g_e is not None, g_c_hat is not None)
         d_gi = torch.zeros(T, B, G, dtype=x.dtype)
-        d_w_hh_t = torch.zeros(H, G, dtype=x.dtype)
-        d_b_hh = torch.zeros(B, G, dtype=x.dtype)
         d_theta = torch.zeros(B, H, dtype=x.dtype)
-        d_y0 = torch.empty(B, H, dtype=x.dtype)
-        d_c0 = torch.empty_like(d_y0)
-        macs = torch.zeros(2, dtype=torch.int64)
-        backward = K.layer_backward if parallel else K.layer_backward_serial
-        backward(
-            gates.numpy(), gh_n.numpy(), c_hat.numpy(), y.numpy(), y0.detach().contiguous().numpy(),
-            c0.detach().contiguous().numpy(), theta.detach().contiguous().numpy(),
-            ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
-            arr(g_y, (T, B, H)),
-            (dummy if g_e is None else g_e.contiguous()).numpy(),
-            (dummy if g_c_hat is None else g_c_hat.contiguous()).numpy(),
-            g_e is not None, g_c_hat is not None,
-            arr(g_y_last, (B, H)), arr(g_c_last, (B, H)),
-            d_gi.numpy(), d_w_hh_t.numpy(), d_b_hh.numpy(), d_theta.numpy(), d_y0.numpy(),
-            d_c0.numpy(), macs.numpy())
-        counters.backward_recurrent += int(macs[0])
-        counters.backward_weight += int(macs[1])
+        dense = _support_density(c_hat, theta_, gamma, k, len_np) >= DENSE_BACKWARD_DENSITY
+        if dense:
+            d_y0, d_c0 = _dense_recurrent_backward(
+                K, parallel, gates, gh_n, c_hat, c0_, theta_, w_hh, len_np, zmode, zm, zp,
+                gamma, k, grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)), d_gi, d_theta)
+        else:
+            d_w_hh_t = torch.zeros(H, G, dtype=x.dtype)
+            d_b_hh = torch.zeros(B, G, dtype=x.dtype)
+            d_y0 = torch.empty(B, H, dtype=x.dtype)
+            d_c0 = torch.empty_like(d_y0)
+            macs = torch.zeros(2, dtype=torch.int64)
+            backward = K.layer_backward if parallel else K.layer_backward_serial
+            backward(
+                gates.numpy(), gh_n.numpy(), c_hat.numpy(), y.numpy(), y0_.numpy(), c0_.numpy(),
+                theta_.numpy(), ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
+                *grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)),
+                d_gi.numpy(), d_w_hh_t.numpy(), d_b_hh.numpy(), d_theta.numpy(), d_y0.numpy(),
+                d_c0.numpy(), macs.numpy())
+            counters.backward_recurrent += int(macs[0])
+            counters.backward_weight += int(macs[1])
 
         need = ctx.needs_input_grad
         d_gi2 = d_gi.view(T * B, G)
         x2 = x.detach().reshape(T * B, I)
+        # dx is skipped when x needs no gradient (a first layer's input is data)
         dx = d_gi2.mm(w_ih.detach()).view(T, B, I) if need[0] else None
-        d_w_ih = None
-        if need[3]:
-            if sparse_input:
-                d_w_ih_t = torch.zeros(I, G, dtype=x.dtype)
-                K.sparse_weight_grad(x2.contiguous().numpy(), d_gi2.numpy(), d_w_ih_t.numpy())
-                d_w_ih = d_w_ih_t.t()
-            else:
-                d_w_ih = d_gi2.t().mm(x2)
+        d_w_ih = _weight_grad(K, x2, d_gi2, sparse_input)[0] if need[3] else None
         d_b_ih = d_gi2.sum(0) if has_b_ih and need[5] else None
-        d_b_hh_ = d_b_hh.sum(0) if has_b_hh and need[6] else None
-        return (dx, d_y0 if need[1] else None, d_c0 if need[2] else None, d_w_ih,
-                d_w_hh_t.t() if need[4] else None, d_b_ih, d_b_hh_,
-                d_theta.sum(0) if need[7] else None, None, None, None, None, None)
+        if dense:
+            # the gradient of W_hh y_{t-1} + b_hh equals d_gi but for the reset gate's factor
+            # on the n rows: turn d_gi into it in place (it is not needed any more)
+            d_gi[..., 2 * H:] *= gates[..., :H]
+            d_w_hh = d_b_hh_ = None
+            if need[4]:
+                d_w_hh, macs = _weight_grad(K, y[:-1].reshape(-1, H), d_gi[1:].view(-1, G))
+                d_w_hh.addmm_(d_gi[0].t(), y0_)
+                counters.backward_weight += macs + G * H * B
+            if has_b_hh and need[6]:
+                d_b_hh_ = d_gi2.sum(0)
+        else:
+            d_w_hh = d_w_hh_t.t() if need[4] else None
+            d_b_hh_ = d_b_hh.sum(0) if has_b_hh and need[6] else None
+        return (dx, d_y0 if need[1] else None, d_c0 if need[2] else None, d_w_ih, d_w_hh,
+                d_b_ih, d_b_hh_, d_theta.sum(0) if need[7] else None,
+                None, None, None, None, None, None)
 
 
-# Below this batch size the time loop runs on one thread (see _event_numba).
+# The backward pass runs in dense mode (a matmul per step for W_hᵀδ) when at least this
+# fraction of units lies in G (fired or inside the surrogate's support). With the default
+# support half-width 1/k = 1 that is nearly every unit at every activity.
+DENSE_BACKWARD_DENSITY = 0.35
+# A weight gradient ``Σ_n d_out[n] ⊗ x[n]`` is computed event-driven below this density of x.
+SPARSE_WEIGHT_GRAD_DENSITY = 0.05
+
+
+def _support_density(c_hat, theta, gamma, k, len_np) -> float:
+    """Fraction of units in G_t (fired, or |ĉ − ϑ| < 1/k with γ > 0), estimated from every
+    4th step (it only chooses the backward mode; both modes are exact)."""
+    T = c_hat.shape[0]
+    sample = c_hat[: max(T - 1, 1) : 4]
+    valid = torch.from_numpy(len_np).unsqueeze(0) > torch.arange(0, max(T - 1, 1), 4).unsqueeze(1)
+    v = sample - theta
+    in_g = (v > 0) | (v.abs() < 1.0 / k) if gamma > 0 else v > 0
+    in_g = in_g & valid.unsqueeze(-1)
+    return float(in_g.sum()) / max(float(valid.sum()) * c_hat.shape[-1], 1.0)
+
+
+def _weight_grad(K, x2, d_out2, sparse=None):
+    """``Σ_n d_out[n] ⊗ x[n]`` (G, I) from x2 (N, I) and d_out2 (N, G), and the MACs done: one
+    dense matmul, or event-driven over the nonzeros of x when it is sparse (``sparse=None``:
+    decide by the density of x)."""
+    N, I = x2.shape
+    G = d_out2.shape[1]
+    if sparse is None:
+        sparse = float((x2 != 0).sum()) < SPARSE_WEIGHT_GRAD_DENSITY * max(x2.numel(), 1)
+    if not sparse:
+        return d_out2.t().mm(x2), G * N * I
+    d_w_t = torch.zeros(I, G, dtype=x2.dtype)
+    macs = K.sparse_weight_grad(x2.contiguous().numpy(), d_out2.contiguous().numpy(), d_w_t.numpy())
+    return d_w_t.t(), int(macs)
+
+
+def _dense_recurrent_forward(K, gates, w_hh_t, b_hh, theta, y0, c0, len_np, zmode, zm,
+                             zp, y, c_hat, gh_n, y_last, c_last):
+    """The forward time loop with a dense ``gh = b_hh + y_{t-1}·W_hhᵀ`` per step (one matmul,
+    B×H by H×G): faster than the event-driven product when most units fire.
+
+    Same contract as ``layer_forward`` (y, c_hat, gh_n (T, B, H) zero on entry, gates (T, B, G)
+    turned into ``(r, z, n)``); writes y_last, c_last (B, H).
+    """
+    T, B, G = gates.shape
+    H = G // 3
+    y_prev = y0.clone().contiguous()
+    c = c0.clone().contiguous()
+    gh = torch.empty(B, G, dtype=gates.dtype)
+    act = torch.empty(B, H, dtype=torch.int64)
+    step = K.forward_cell_step
+    arrays = (gates.numpy(), gh.numpy(), theta.numpy(), len_np, zmode, zm.numpy(), zp,
+              y_prev.numpy(), c.numpy(), act.numpy(), y.numpy(), c_hat.numpy(), gh_n.numpy())
+    for t in range(T):
+        torch.addmm(b_hh, y_prev, w_hh_t, out=gh)
+        step(t, *arrays)
+        counters.recurrent += G * H * int((len_np > t).sum())
+    y_last.copy_(y_prev)
+    c_last.copy_(c)
+
+
+def _dense_recurrent_backward(K, parallel, gates, gh_n, c_hat, c0, theta, w_hh, len_np, zmode,
+                              zm, zp, gamma, k, grads, g_y_last, g_c_last, d_gi, d_theta):
+    """BPTT's time loop with a dense ``dy = dgh·W_hh`` per step (B×G by G×H, one matmul).
+
+    Exact: a unit outside G_{t-1} gets a value it would not have got in sparse mode, but its
+    output gradient is multiplied by zero at step t−1 (no event, zero pseudo-derivative).
+    Writes d_gi (T, B, G) and d_theta (B, H); returns the gradients of y_0 and c_0, (B, H).
+    """
+    T, B, G = gates.shape
+    dy = torch.from_numpy(g_y_last.copy())
+    dc = torch.from_numpy(g_c_last.copy())
+    dgh = torch.zeros(B, G, dtype=gates.dtype)
+    w = w_hh.detach()
+    step = K.backward_cell_step if parallel else K.backward_cell_step_serial
+    arrays = (gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0.numpy(), theta.numpy(), len_np,
+              zmode, zm.numpy(), zp, gamma, k, *grads, dy.numpy(), dc.numpy(), d_gi.numpy(),
+              dgh.numpy(), d_theta.numpy())
+    lengths = torch.from_numpy(len_np)
+    full = bool((lengths == T).all())
+    for t in range(T - 1, -1, -1):
+        step(t, *arrays)
+        if full:
+            torch.mm(dgh, w, out=dy)
+            n_rows = B
+        else:  # samples past their end hold their gradient
+            rows = (lengths > t).nonzero().squeeze(1)
+            dy.index_copy_(0, rows, dgh.index_select(0, rows).mm(w))
+            n_rows = int(rows.numel())
+        counters.backward_recurrent += G * w.shape[1] * n_rows
+    return dy, dc
+
+
+# Below this batch size the backward time loop runs on one thread: with few samples a step is
+# too little work to pay for waking threads twice per step (see _event_numba).
 PARALLEL_MIN_BATCH = 4
 
 
@@ -256,11 +390,22 @@ def _parallel(batch: int) -> bool:
     return batch >= PARALLEL_MIN_BATCH and get_num_threads() > 1
 
 
-def _n_chunks(G: int) -> int:
-    """Slices of the gate rows for the recurrent product: one per thread, at least 64 rows each."""
+# Below this batch size the forward pass splits each step's product over the threads instead
+# of running whole samples per thread.
+SPLIT_MAX_BATCH = 1
+
+
+def _forward_kernel(K, batch: int):
+    """The event-driven forward kernel for this batch size (see _event_numba.layer_forward),
+    and its extra arguments: ``(n_chunks,)`` for the split kernel, none for the others."""
     from numba import get_num_threads
 
-    return max(1, min(get_num_threads(), G // 64))
+    threads = get_num_threads()
+    if threads == 1:
+        return K.layer_forward_serial, ()
+    if batch <= SPLIT_MAX_BATCH:
+        return K.layer_forward_split, (threads,)
+    return K.layer_forward, ()
 
 
 def _check_lengths(lengths: Optional[torch.Tensor], T: int, B: int) -> Optional[torch.Tensor]:
@@ -273,14 +418,14 @@ def _check_lengths(lengths: Optional[torch.Tensor], T: int, B: int) -> Optional[
 
 
 def _run_event(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate,
-               lengths, zoneout_p, zoneout_mask, reverse) -> LayerOutput:
+               lengths, zoneout_p, zoneout_mask, reverse, dense_forward=False) -> LayerOutput:
     T, B = x.shape[:2]
     lengths = _check_lengths(lengths, T, B)
     xp = reverse_padded(x, lengths) if reverse else x
     y, c_hat, e, y_last, c_last = _EventLayer.apply(
         xp.contiguous(), state.y, state.c, weight_ih, weight_hh, bias_ih, bias_hh, threshold,
         lengths, zoneout_mask, zoneout_p, surrogate.dampening_factor,
-        surrogate.pseudo_derivative_support)
+        surrogate.pseudo_derivative_support, dense_forward)
     if reverse:
         y, e, c_hat = (reverse_padded(a, lengths) for a in (y, e, c_hat))
     return LayerOutput(y, EGRUState(y_last, c_last), e, c_hat)
@@ -305,28 +450,30 @@ def egru_layer_event(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold
 _last_activity: dict = {}
 
 
-def prefers_event(batch: int, activity: float, training: bool) -> bool:
-    """Whether event-driven products beat dense ones for this call (measured, docs/speed.md).
+def prefers_event(batch: int, activity: float) -> bool:
+    """Whether the event-driven recurrent product beats a dense one for this call (measured,
+    docs/speed.md).
 
-    With a backward pass to come, the sparse BPTT beats the reference's autograd at every
-    activity measured. Forward only, a dense step is one ``(B, H) × (H, 3H)`` GEMM at high
-    efficiency while the event-driven step does ``activity`` of its MACs at lower efficiency,
-    one sample at a time: for a few samples events always win, for many only at low activity.
+    A dense step is one ``(B, H) × (H, 3H)`` matmul at high efficiency, the event-driven step
+    does ``activity`` of its MACs at lower efficiency: with up to 8 samples events won at every
+    activity measured (even 1.0), with 32 they tie with the matmul at activity 0.5–0.7 and lose
+    at 1.0 (by up to 1.4× at H = 1024). The backward pass chooses its own mode (see
+    ``_EventLayer.backward``).
     """
-    if training or batch < PARALLEL_MIN_BATCH:
-        return True
-    return activity < AUTO_ACTIVITY_LIMIT
+    return batch < AUTO_DENSE_MIN_BATCH or activity < AUTO_ACTIVITY_LIMIT
 
 
-AUTO_ACTIVITY_LIMIT = 0.25
+AUTO_DENSE_MIN_BATCH = 16
+AUTO_ACTIVITY_LIMIT = 0.75
 
 
 def egru_layer_auto(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, *,
                     lengths=None, zoneout_p=0.0, zoneout_mask=None, reverse=False) -> LayerOutput:
-    """``backend="auto"``: per call, the event-driven or the reference (dense) computation.
+    """``backend="auto"``: per call, the event-driven or a dense recurrent product.
 
-    The choice uses the shapes and the activity this layer/direction had at its previous call
-    (unknown at the first call: event-driven). Unsupported combinations use the reference.
+    Both run in the event layer (the same cell kernels, the same backward); the choice uses the
+    batch size and the activity this layer/direction had at its previous call (unknown at the
+    first call: event-driven). Unsupported combinations use the reference backend.
     """
     kwargs = dict(lengths=lengths, zoneout_p=zoneout_p, zoneout_mask=zoneout_mask, reverse=reverse)
     args = (x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate)
@@ -335,12 +482,7 @@ def egru_layer_auto(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold,
     key = id(threshold)
     activity = _last_activity.get(key, (None, 0.0))
     activity = activity[1] if activity[0] is not None and activity[0]() is threshold else 0.0
-    tensors = (x, state.y, state.c, weight_ih, weight_hh, bias_ih, bias_hh, threshold)
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if prefers_event(x.shape[1], activity, training):
-        out = _run_event(*args, **kwargs)
-    else:
-        out = egru_layer(*args, **kwargs)
+    out = _run_event(*args, **kwargs, dense_forward=not prefers_event(x.shape[1], activity))
     with torch.no_grad():
         valid = valid_steps(lengths, x.shape[0], x.shape[1], x.device)
         fired = float(out.e.detach().sum())

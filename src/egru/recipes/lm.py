@@ -63,7 +63,7 @@ class LMConfig:
     eval_every: int = 0  # validation every this many steps (0: at the end of each epoch)
     log_every: int = 20
     seed: int = 0
-    backend: str = "reference"
+    backend: str = "auto"
 
     def __post_init__(self):
         if self.model not in MODELS:

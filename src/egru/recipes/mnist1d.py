@@ -29,7 +29,7 @@ class DemoConfig:
     seed: int = 0
     train_size: int = 4000  # at most 4,000
     test_size: int = 1000  # at most 1,000
-    backend: str = "reference"
+    backend: str = "auto"
 
 
 def load_mnist1d(seed: int = 42):
