@@ -499,9 +499,11 @@ def train_and_evaluate(cfg: LMConfig, run_dir, *, data_dir=None, download: bool 
     finally:
         if bar is not None:
             bar.close()
-    validate()
+    if not (cfg.eval_every == 0 and position.row == 0):  # else the epoch's end just validated
+        validate()
     result = {}
     if is_main_process():
+        result["config"] = dataclasses.asdict(cfg)
         best = model_from_checkpoint(load_checkpoint(run_dir / "best.pt")).to(device)
         result["valid"] = evaluate(best, corpus.valid.to(device), cfg.eval_batch_size, cfg.bptt)
         result["test"] = evaluate(best, corpus.test.to(device), cfg.test_batch_size, cfg.bptt, progress)

@@ -20,7 +20,7 @@ import egru
 @dataclass(frozen=True)
 class DemoConfig:
     hidden_size: int = 128
-    epochs: int = 15
+    epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-2
     threshold_mean: float = 0.1

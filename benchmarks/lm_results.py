@@ -1,0 +1,38 @@
+"""Markdown table of finished language-model runs (their ``results.json``), for docs/results.md.
+
+    python benchmarks/lm_results.py runs/ptb-egru runs/ptb-gru runs/ptb-lstm
+
+Each row: validation and test perplexity of the best checkpoint, activity and backward sparsity
+per layer (test), effective MACs per token of the recurrent layers relative to a dense GRU of
+the same shapes, and training throughput.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def row(run_dir: Path) -> str:
+    result = json.loads((run_dir / "results.json").read_text())
+    if "config" not in result:  # results.json of early versions: the checkpoint has it
+        import torch
+
+        result["config"] = torch.load(run_dir / "best.pt", weights_only=False)["config"]
+    layers = result["test"]["layers"]
+    sparsity = " / ".join(f"{1 - l['activity']:.1%}" for l in layers.values())
+    backward = " / ".join(f"{1 - l['backward_activity']:.1%}" for l in layers.values())
+    effective = sum(l["effective_macs_per_token"] for l in layers.values())
+    # relative to a dense GRU of the same shapes, 3H(I + H) per layer; an LSTM's own dense
+    # count is 4H(I + H)
+    dense = sum(l["dense_macs_per_token"] for l in layers.values())
+    gru_dense = dense * 3 / 4 if result["config"]["model"] == "lstm" else dense
+    return (f"| {result['config']['model']} ({run_dir.name}) | {result['valid']['perplexity']:.1f} | {result['test']['perplexity']:.1f} | "
+            f"{sparsity} | {backward} | {effective / gru_dense:.2f} | {result['train_tokens_per_second']:,.0f} |")
+
+
+if __name__ == "__main__":
+    print("| run | valid ppl | test ppl | activity sparsity (per layer) | backward sparsity | "
+          "MACs/token vs dense GRU | train tokens/s |")
+    print("|---|---|---|---|---|---|---|")
+    for path in sys.argv[1:]:
+        print(row(Path(path)))
