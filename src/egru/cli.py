@@ -13,9 +13,7 @@ import egru
 def _demo(args) -> int:
     from egru.recipes import mnist1d
 
-    overrides = {k: v for k, v in vars(args).items()
-                 if k in {f.name for f in dataclasses.fields(mnist1d.DemoConfig)} and v is not None}
-    cfg = mnist1d.DemoConfig(**overrides)
+    cfg = mnist1d.DemoConfig(**_overrides(args, mnist1d.DemoConfig))
     if args.threads:
         import torch
 

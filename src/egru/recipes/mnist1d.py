@@ -16,6 +16,8 @@ from torch import nn
 
 import egru
 
+from .common import progress_bar
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -79,14 +81,6 @@ class GRUClassifier(nn.Module):
         return self.readout(out[-1])
 
 
-def _progress(total: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # the bar is a nicety, not a requirement
-        return None
-    return tqdm(total=total, desc=desc, unit="batch", leave=True, dynamic_ncols=True)
-
-
 def _train(model: nn.Module, data, cfg: DemoConfig, desc: str, progress: bool) -> float:
     x, y, _, _ = data
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -94,7 +88,7 @@ def _train(model: nn.Module, data, cfg: DemoConfig, desc: str, progress: bool) -
     egru.keep_thresholds_in_range(opt, model)
     steps_per_epoch = -(-len(x) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
-    bar = _progress(cfg.epochs * steps_per_epoch, desc) if progress else None
+    bar = progress_bar(cfg.epochs * steps_per_epoch, desc, progress)
     start = time.perf_counter()
     model.train()
     for _ in range(cfg.epochs):
