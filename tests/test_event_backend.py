@@ -49,8 +49,10 @@ CONFIGS = {
 # modes of the event layer's kernels, forced through its thresholds (see event.py):
 # name -> module attributes of egru.kernels.event to set
 KERNEL_MODES = {
-    # fused backward kernel, W_hᵀδ only for units in G
-    "sparse": dict(DENSE_BACKWARD_DENSITY=2.0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
+    # fused backward kernel, W_hᵀδ only for units in G; event-driven weight gradients
+    "sparse": dict(DENSE_BACKWARD_DENSITY=2.0, SPARSE_WEIGHT_GRAD_DENSITY=2.0),
+    # fused backward kernel, dense weight gradients
+    "sparse-dense-dw": dict(DENSE_BACKWARD_DENSITY=2.0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
     # a matmul per step for W_hᵀδ, dense recurrent weight gradient
     "dense": dict(DENSE_BACKWARD_DENSITY=0.0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
     # a matmul per step for W_hᵀδ, event-driven recurrent weight gradient
@@ -119,9 +121,9 @@ def run_module(backend, module_kwargs, options, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("backend,mode", [("event", "sparse"), ("event", "dense"),
-                                          ("event", "dense-event-dw"), ("auto", "sparse"),
-                                          ("auto", "auto-dense")])
+@pytest.mark.parametrize("backend,mode", [("event", "sparse"), ("event", "sparse-dense-dw"),
+                                          ("event", "dense"), ("event", "dense-event-dw"),
+                                          ("auto", "sparse"), ("auto", "auto-dense")])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_module_parity(name, backend, mode, dtype):
     module_kwargs, options = CONFIGS[name]

@@ -8,9 +8,10 @@ Layout. ``G = 3H`` gate rows in ``torch.nn.GRU`` order (r, z, n). Recurrent weig
 transposed, ``w_hh_t`` of shape (H, G): row ``j`` is everything unit ``j`` sends, so the
 event-driven product reads one contiguous row per event.
 
-Parallelism (numba ``prange``): the forward pass runs whole sequences per sample (samples are
-independent); in the backward pass the time loop is sequential and, inside a step, the
-elementwise cell is split over samples and the cross-unit products over units.
+Parallelism (numba ``prange``): samples are independent, so the forward pass and the sparse
+backward pass both run whole sequences per sample, one parallel region per call; the weight
+gradients, which sum over samples, are left to one product after the time loop. With a single
+sample the forward pass splits each step's product over gate rows instead.
 """
 
 from __future__ import annotations
@@ -56,6 +57,34 @@ def _axpy(out, v, row):
     vectorises it without having to reason about the aliasing of a large kernel's arrays)."""
     for i in range(out.shape[0]):
         out[i] += v * row[i]
+
+
+@_jit(fastmath=_CONTRACT)
+def _axpy4(out, v0, r0, v1, r1, v2, r2, v3, r3):
+    """``out += v0·r0 + v1·r1 + v2·r2 + v3·r3``: four rows per pass over ``out``."""
+    for i in range(out.shape[0]):
+        out[i] += v0 * r0[i] + v1 * r1[i] + v2 * r2[i] + v3 * r3[i]
+
+
+@_jit(fastmath=_CONTRACT)
+def _add_rows(out, w_t, idx, n, values, lo):
+    """``out += Σ_{q<n} values[j]·w_t[j, lo:lo+len(out)]`` with ``j = idx[q]``: the
+    event-driven product, one row of ``w_t`` per event.
+
+    Four rows are added per pass over ``out``: one load and store of ``out`` per four rows
+    instead of per row made the product 2.5× faster (B = 1, H = 1024, 112 events per step:
+    the rows are read from the last-level cache at ~35–50 GB/s instead of ~20).
+    """
+    hi = lo + out.shape[0]
+    q = 0
+    while q + 4 <= n:
+        j0, j1, j2, j3 = idx[q], idx[q + 1], idx[q + 2], idx[q + 3]
+        _axpy4(out, values[j0], w_t[j0, lo:hi], values[j1], w_t[j1, lo:hi],
+               values[j2], w_t[j2, lo:hi], values[j3], w_t[j3, lo:hi])
+        q += 4
+    while q < n:
+        _axpy(out, values[idx[q]], w_t[idx[q], lo:hi])
+        q += 1
 
 
 # exp(x) = 2^n·exp(r), x = n·ln 2 + r, |r| ≤ ln(2)/2: Cody–Waite reduction (ln 2 split in two so
@@ -124,39 +153,6 @@ def _cell_forward(gates, gh, c, zmask, zmode, zp, gh_n, c_hat):
         c_hat[i] = ch
 
 
-@_jit()
-def _group_by_unit(idx, count, value, samples, start, units, ent_b, ent_v):
-    """Turn per-sample event lists into per-unit lists (a counting sort).
-
-    idx (B, H) int64: the units of sample ``b`` are ``idx[b, :count[b]]``; value (B, H): the
-    value each carries, ``value[b, j]``. samples (B,) bool: which samples take part.
-    Writes start (H+1,): unit ``j``'s entries are ``start[j]:start[j+1]`` of ent_b (sample)
-    and ent_v (value); units (H,): the units with at least one entry. Returns their number.
-    """
-    B = idx.shape[0]
-    H = start.shape[0] - 1
-    start[:] = 0
-    for b in range(B):
-        if samples[b]:
-            for k in range(count[b]):
-                start[idx[b, k] + 1] += 1
-    n_units = 0
-    for j in range(H):
-        if start[j + 1] > 0:
-            units[n_units] = j
-            n_units += 1
-        start[j + 1] += start[j]
-    fill = start[:H].copy()
-    for b in range(B):
-        if samples[b]:
-            for k in range(count[b]):
-                j = idx[b, k]
-                ent_b[fill[j]] = b
-                ent_v[fill[j]] = value[b, j]
-                fill[j] += 1
-    return n_units
-
-
 @_jit(parallel=True, fastmath=_CONTRACT)
 def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
                   y, c_hat, gh_n, y_last, c_last, macs):
@@ -196,9 +192,7 @@ def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
         for t in range(lengths[b]):
             # gh = b_hh + Σ_{j fired} y_j · W_hh[:, j]
             gh[b, :] = b_hh
-            for q in range(n):
-                j = act[b, q]
-                _axpy(gh[b], y_last[b, j], w_hh_t[j])
+            _add_rows(gh[b], w_hh_t, act[b], n, y_last[b], 0)
             macs[b] += G * n
             zm = zmask[t, b] if zmode == ZONEOUT_MASK else zmask[0, 0]
             _cell_forward(gates[t, b], gh[b], c_last[b], zm, zmode, zp, gh_n[t, b], c_hat[t, b])
@@ -236,9 +230,7 @@ def layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmas
             for b in range(B):
                 if lengths[b] > t:
                     gh[b, lo:hi] = b_hh[lo:hi]
-                    for p in range(n_act[b]):
-                        j = act[b, p]
-                        _axpy(gh[b, lo:hi], y_last[b, j], w_hh_t[j, lo:hi])
+                    _add_rows(gh[b, lo:hi], w_hh_t, act[b], n_act[b], y_last[b], lo)
         for b in range(B):
             if lengths[b] > t:
                 macs[b] += G * n_act[b]
@@ -354,27 +346,43 @@ def _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma,
         dc[b, i] = gcp
 
 
+@_jit(fastmath=_REDUCE)
+def _dot4(r0, r1, r2, r3, v):
+    """``(r0·v, r1·v, r2·v, r3·v)``: four dot products per pass over v."""
+    a0 = a1 = a2 = a3 = v[0] * 0
+    for i in range(v.shape[0]):
+        a0 += r0[i] * v[i]
+        a1 += r1[i] * v[i]
+        a2 += r2[i] * v[i]
+        a3 += r3[i] * v[i]
+    return a0, a1, a2, a3
+
+
 @_jit(parallel=True, fastmath=_CONTRACT)
-def layer_backward(gates, gh_n, c_hat, y, y0, c0, theta, w_hh_t, lengths, zmode, zmask, zp,
+def layer_backward(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask, zp,
                    gamma, k, g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, g_y_last, g_c_last,
-                   d_gi, d_w_hh_t, d_b_hh, d_theta, d_y0, d_c0, macs):
-    """Sparse backpropagation through time of :func:`layer_forward` (SPEC §2).
+                   d_gi, d_theta, d_y0, d_c0, macs):
+    """Sparse backpropagation through time of :func:`layer_forward` (SPEC §2), without the
+    weight gradients (the caller computes them from d_gi after the loop).
 
     Surrogate ``dH/dv = gamma·max(0, 1 − k|v|)``, ``v = ĉ − ϑ``.
-    Inputs: gates (T, B, G) = (r, z, n), gh_n, c_hat, y (T, B, H) from the forward pass;
-      y0, c0 (B, H); theta (H,); w_hh_t (H, G); lengths, zmode, zmask, zp as in the forward;
+    Inputs: gates (T, B, G) = (r, z, n), gh_n, c_hat (T, B, H) from the forward pass;
+      c0 (B, H); theta (H,); w_hh_t (H, G); lengths, zmode, zmask, zp as in the forward;
       g_y (T, B, H) gradient of y; g_e, g_c_hat (T, B, H) gradients of the events and
       candidate states, read only if has_g_e / has_g_c_hat; g_y_last, g_c_last (B, H)
       gradients of the final state.
     Outputs, zero on entry:
-      d_gi (T, B, G): gradient of the input part of the gates (``W_ih x_t + b_ih``);
-      d_w_hh_t (H, G): gradient of w_hh_t; d_b_hh (B, G), d_theta (B, H): per sample;
-      d_y0, d_c0 (B, H); macs (2,) int64: MACs of the cross-unit product ``W_hᵀδ`` and of
-      the weight gradient.
-    Only units in G_{t-1} (fired, or inside the surrogate's support) need ``W_hᵀδ_t``; only
-    units in A_{t-1} (fired) contribute a column ``δ_t ⊗ y_{t-1}`` to the weight gradient.
-    When most units are in G (a wide surrogate support), the caller uses
-    :func:`backward_cell_step` with a dense product instead.
+      d_gi (T, B, G): gradient of ``W_ih x_t + b_ih`` (and, but for the reset gate's factor on
+      the n rows, of ``W_hh y_{t-1} + b_hh``); d_theta (B, H): per sample; d_y0, d_c0 (B, H);
+      macs (B,) int64: MACs of the cross-unit product ``W_hᵀδ`` per sample.
+    Only units in G_{t-1} (fired, or inside the surrogate's support) need ``W_hᵀδ_t``: the
+    output gradient of any other unit is multiplied by zero at step t−1.
+
+    Once the weight gradients are left to the caller, the samples are independent in the
+    backward pass too, so each thread runs whole sequences of its samples backwards (one
+    parallel region per call, as in the forward pass). The earlier kernel grouped the units
+    of G over samples at every step (one row of ``w_hh_t`` read once per step for all
+    samples) and did no better than dense matmuls even at 20 % of their MACs.
     """
     T, B, G = gates.shape
     H = G // 3
@@ -382,20 +390,10 @@ def layer_backward(gates, gh_n, c_hat, y, y0, c0, theta, w_hh_t, lengths, zmode,
     dc = g_c_last.copy()  # gradient reaching c_t
     dgh = np.zeros((B, G), gates.dtype)  # gradient of W_hh y_{t-1} + b_hh at step t
     need = np.empty((B, H), np.int64)  # units of G_{t-1} per sample
-    n_need = np.zeros(B, np.int64)
-    start = np.zeros(H + 1, np.int64)
-    units = np.empty(H, np.int64)
-    ent_b = np.empty(B * H, np.int64)
-    ent_v = np.empty(B * H, gates.dtype)
-    for t in range(T - 1, -1, -1):
-        valid = lengths > t
-        for b in prange(B):
-            if not valid[b]:
-                continue
+    for b in prange(B):
+        for t in range(lengths[b] - 1, -1, -1):
             _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma, k,
                            g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, dy, dc, d_gi, dgh, d_theta)
-            for i in range(G):
-                d_b_hh[b, i] += dgh[b, i]
             # G_{t-1}: the units whose output gradient matters (all of them for y_0)
             n = 0
             for j in range(H):
@@ -408,26 +406,19 @@ def layer_backward(gates, gh_n, c_hat, y, y0, c0, theta, w_hh_t, lengths, zmode,
                     if cp > theta[j] or gamma * max(0.0, 1.0 - k * abs(cp - theta[j])) > 0:
                         need[b, n] = j
                         n += 1
-            n_need[b] = n
-        y_prev = y0 if t == 0 else y[t - 1]
-        n_units = _group_by_unit(need, n_need, y_prev, valid, start, units, ent_b, ent_v)
-        n_fired = 0
-        for p in range(start[H]):
-            if ent_v[p] != 0:
-                n_fired += 1
-        macs[0] += G * start[H]
-        macs[1] += G * n_fired
-        # per unit j: dy_{t-1}[b, j] = W_hh[:, j] · δ_t[b], and ΔW_hh[:, j] += y_{t-1}[b, j]·δ_t[b]
-        for u in prange(n_units):
-            j = units[u]
-            for p in range(start[j], start[j + 1]):
-                b = ent_b[p]
-                dy[b, j] = _dot(w_hh_t[j], dgh[b])
-                v = ent_v[p]
-                if v != 0:
-                    _axpy(d_w_hh_t[j], v, dgh[b])
-    d_y0[:] = dy
-    d_c0[:] = dc
+            # dy_{t-1}[j] = W_hh[:, j] · δ_t for j in G_{t-1}
+            q = 0
+            while q + 4 <= n:
+                j0, j1, j2, j3 = need[b, q], need[b, q + 1], need[b, q + 2], need[b, q + 3]
+                dy[b, j0], dy[b, j1], dy[b, j2], dy[b, j3] = _dot4(
+                    w_hh_t[j0], w_hh_t[j1], w_hh_t[j2], w_hh_t[j3], dgh[b])
+                q += 4
+            while q < n:
+                dy[b, need[b, q]] = _dot(w_hh_t[need[b, q]], dgh[b])
+                q += 1
+            macs[b] += G * n
+        d_y0[b] = dy[b]
+        d_c0[b] = dc[b]
 
 
 @_jit(parallel=True, fastmath=_CONTRACT)
@@ -479,12 +470,13 @@ def sparse_input_product(x, w_ih_t, b_ih, rows, out, macs):
         out[n, :] = b_ih
         if not rows[n]:
             continue
+        nonzero = np.empty(I, np.int64)
         count = 0
         for j in range(I):
-            v = x[n, j]
-            if v != 0:
+            if x[n, j] != 0:
+                nonzero[count] = j
                 count += 1
-                _axpy(out[n], v, w_ih_t[j])
+        _add_rows(out[n], w_ih_t, nonzero, count, x[n], 0)
         macs[n] = G * count
 
 
@@ -513,10 +505,7 @@ def sparse_weight_grad(x, d_out, d_w_t):
                 rows[fill[j]] = n
                 fill[j] += 1
     for j in prange(I):
-        for p in range(start[j], start[j + 1]):
-            n = rows[p]
-            v = x[n, j]
-            _axpy(d_w_t[j], v, d_out[n])
+        _add_rows(d_w_t[j], d_out, rows[start[j]:], start[j + 1] - start[j], x[:, j], 0)
     return G * start[I]
 
 

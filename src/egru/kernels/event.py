@@ -215,7 +215,7 @@ class _EventLayer(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, y0, c0, w_ih, w_hh, theta, gates, gh_n, c_hat, y, zm)
         ctx.w_hh_t = w_hh_t
-        ctx.meta = (parallel, len_np, zmode, float(zoneout_p), float(gamma), float(k), sparse_input,
+        ctx.meta = (parallel, len_np, zmode, float(zoneout_p), float(gamma), float(k),
                     b_ih is not None, b_hh is not None)
         return y, c_hat, e, y_last, c_last
 
@@ -224,7 +224,7 @@ class _EventLayer(torch.autograd.Function):
     def backward(ctx, g_y, g_c_hat, g_e, g_y_last, g_c_last):
         K = load_kernels()
         x, y0, c0, w_ih, w_hh, theta, gates, gh_n, c_hat, y, zm = ctx.saved_tensors
-        parallel, len_np, zmode, zp, gamma, k, sparse_input, has_b_ih, has_b_hh = ctx.meta
+        parallel, len_np, zmode, zp, gamma, k, has_b_ih, has_b_hh = ctx.meta
         T, B, I = x.shape
         H = y.shape[-1]
         G = 3 * H
@@ -246,44 +246,37 @@ class _EventLayer(torch.autograd.Function):
                 K, parallel, gates, gh_n, c_hat, c0_, theta_, w_hh, len_np, zmode, zm, zp,
                 gamma, k, grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)), d_gi, d_theta)
         else:
-            d_w_hh_t = torch.zeros(H, G, dtype=x.dtype)
-            d_b_hh = torch.zeros(B, G, dtype=x.dtype)
             d_y0 = torch.empty(B, H, dtype=x.dtype)
             d_c0 = torch.empty_like(d_y0)
-            macs = torch.zeros(2, dtype=torch.int64)
-            backward = K.layer_backward if parallel else K.layer_backward_serial
+            macs = torch.zeros(B, dtype=torch.int64)
+            # whole sequences per thread: one parallel region, worth it from two samples on
+            backward = K.layer_backward if _parallel(B, 2) else K.layer_backward_serial
             backward(
-                gates.numpy(), gh_n.numpy(), c_hat.numpy(), y.numpy(), y0_.numpy(), c0_.numpy(),
-                theta_.numpy(), ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
+                gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0_.numpy(), theta_.numpy(),
+                ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
                 *grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)),
-                d_gi.numpy(), d_w_hh_t.numpy(), d_b_hh.numpy(), d_theta.numpy(), d_y0.numpy(),
-                d_c0.numpy(), macs.numpy())
-            counters.backward_recurrent += int(macs[0])
-            counters.backward_weight += int(macs[1])
+                d_gi.numpy(), d_theta.numpy(), d_y0.numpy(), d_c0.numpy(), macs.numpy())
+            counters.backward_recurrent += int(macs.sum())
 
         need = ctx.needs_input_grad
         d_gi2 = d_gi.view(T * B, G)
         x2 = x.detach().reshape(T * B, I)
         # dx is skipped when x needs no gradient (a first layer's input is data)
         dx = d_gi2.mm(w_ih.detach()).view(T, B, I) if need[0] else None
-        d_w_ih = _weight_grad(K, x2, d_gi2, sparse_input)[0] if need[3] else None
+        d_w_ih = _weight_grad(K, x2, d_gi2)[0] if need[3] else None
         d_b_ih = d_gi2.sum(0) if has_b_ih and need[5] else None
-        if dense:
-            # the gradient of W_hh y_{t-1} + b_hh equals d_gi but for the reset gate's factor
-            # on the n rows: turn d_gi into it in place (it is not needed any more)
-            d_gi[..., 2 * H:] *= gates[..., :H]
-            d_w_hh = d_b_hh_ = None
-            if need[4]:
-                d_w_hh, macs = _weight_grad(K, y[:-1].reshape(-1, H), d_gi[1:].view(-1, G))
-                d_w_hh.addmm_(d_gi[0].t(), y0_)
-                counters.backward_weight += macs + G * H * B
-            if has_b_hh and need[6]:
-                d_b_hh_ = d_gi2.sum(0)
-        else:
-            d_w_hh = d_w_hh_t.t() if need[4] else None
-            d_b_hh_ = d_b_hh.sum(0) if has_b_hh and need[6] else None
+        # the gradient of W_hh y_{t-1} + b_hh equals d_gi but for the reset gate's factor on
+        # the n rows: turn d_gi into it in place (it is not needed any more)
+        d_gi[..., 2 * H:] *= gates[..., :H]
+        d_w_hh = d_b_hh = None
+        if need[4]:
+            y_prev = torch.cat([y0_.unsqueeze(0), y[:-1]]).view(T * B, H)
+            d_w_hh, macs = _weight_grad(K, y_prev, d_gi2)
+            counters.backward_weight += macs
+        if has_b_hh and need[6]:
+            d_b_hh = d_gi2.sum(0)
         return (dx, d_y0 if need[1] else None, d_c0 if need[2] else None, d_w_ih, d_w_hh,
-                d_b_ih, d_b_hh_, d_theta.sum(0) if need[7] else None,
+                d_b_ih, d_b_hh, d_theta.sum(0) if need[7] else None,
                 None, None, None, None, None, None)
 
 
@@ -292,7 +285,7 @@ class _EventLayer(torch.autograd.Function):
 # support half-width 1/k = 1 that is nearly every unit at every activity.
 DENSE_BACKWARD_DENSITY = 0.35
 # A weight gradient ``Σ_n d_out[n] ⊗ x[n]`` is computed event-driven below this density of x.
-SPARSE_WEIGHT_GRAD_DENSITY = 0.05
+SPARSE_WEIGHT_GRAD_DENSITY = 0.12
 
 
 def _support_density(c_hat, theta, gamma, k, len_np) -> float:
@@ -379,15 +372,15 @@ def _dense_recurrent_backward(K, parallel, gates, gh_n, c_hat, c0, theta, w_hh, 
     return dy, dc
 
 
-# Below this batch size the backward time loop runs on one thread: with few samples a step is
-# too little work to pay for waking threads twice per step (see _event_numba).
+# Below this batch size the dense backward's per-step cell runs on one thread: with few samples
+# a step is too little work to pay for waking threads every step.
 PARALLEL_MIN_BATCH = 4
 
 
-def _parallel(batch: int) -> bool:
+def _parallel(batch: int, min_batch: Optional[int] = None) -> bool:
     from numba import get_num_threads
 
-    return batch >= PARALLEL_MIN_BATCH and get_num_threads() > 1
+    return batch >= (PARALLEL_MIN_BATCH if min_batch is None else min_batch) and get_num_threads() > 1
 
 
 # Below this batch size the forward pass splits each step's product over the threads instead
