@@ -26,6 +26,7 @@ one forward+backward, above what was held before, from the profiler's memory eve
     python benchmarks/speed.py --out speed.json           # the full table
     python benchmarks/speed.py --quick                    # a small subset
     python benchmarks/speed.py --support-k 10 ...         # a narrower surrogate support
+    python benchmarks/speed.py --markdown speed.json      # a results file as a markdown table
 """
 
 from __future__ import annotations
@@ -197,6 +198,24 @@ def _fmt(row, gru_row) -> str:
             + ("" if bwd is None else f"  bwd W_h^T.delta {bwd:4.2f} of dense"))
 
 
+def markdown_table(rows) -> str:
+    """The rows of a results file as the markdown table of docs/speed.md; ratios are to the
+    nn.GRU row of the same (B, H, input)."""
+    lines = ["| input | B | H | model | act | fwd ms | ×GRU | fwd+bwd ms | ×GRU | peak MiB | bwd W_hᵀδ |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    grus = {(r["B"], r["H"], r["input"]): r for r in rows if r["model"] == "nn.GRU"}
+    for r in rows:
+        gru = grus[(r["B"], r["H"], r["input"])]
+        act = f"{r['activity']:.3f}" if "activity" in r else ""
+        bwd = r.get("backward_recurrent_fraction")
+        lines.append(
+            f"| {r['input']} | {r['B']} | {r['H']} | {r['model']} | {act} | "
+            f"{r['forward_s'] * 1e3:.1f} | {gru['forward_s'] / r['forward_s']:.2f} | "
+            f"{r['forward_backward_s'] * 1e3:.1f} | {gru['forward_backward_s'] / r['forward_backward_s']:.2f} | "
+            f"{r.get('peak_memory_bytes', 0) / 2**20:.1f} | {'' if bwd is None else f'{bwd:.2f}'} |")
+    return "\n".join(lines)
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -226,7 +245,12 @@ def main(argv=None) -> None:
                         help="largest H the (slow) reference backend is timed at")
     parser.add_argument("--quick", action="store_true", help="H=256, activities 0.5 and 0.1, 3 repeats")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--markdown", metavar="JSON", help="print a results file as a markdown table and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown_table(json.load(f)["rows"]))
+        return
     if args.quick:
         args.hidden, args.activity, args.repeats = [256], [0.5, 0.1], 3
     torch.set_num_threads(args.threads)

@@ -8,18 +8,18 @@ state, events and every gradient) to float rounding. The work follows the events
   input product is one dense matmul for all steps, or event-driven when the input is itself
   sparse (a stacked layer's input is the previous layer's ``y``);
 * backward (sparse BPTT), ``W_hhᵀ·δ_t`` is computed only for units that fired or lie inside the
-  surrogate's support at step ``t−1``, the recurrent weight gradient only from units that fired;
-  the input gradients are one matmul after the time loop, and the gradient of the input is
-  skipped when the input needs none (a first layer's data).
+  surrogate's support at step ``t−1``; the weight gradients are one product each after the
+  time loop, event-driven over the units that fired (or the input's nonzeros) when those are
+  few (:data:`SPARSE_WEIGHT_GRAD_DENSITY`), and the gradient of the input is skipped when the
+  input needs none (a first layer's data).
 
 Dense modes. With the default surrogate (support half-width ``1/k = 1``) nearly every unit lies
 inside the support at every activity, so ``W_hhᵀ·δ_t`` has nothing to skip: when the fraction of
 units in G is at least :data:`DENSE_BACKWARD_DENSITY`, the backward pass computes it with one
-matmul per step (BLAS) instead, and the recurrent weight gradient with one matmul after the loop
-(or event-driven when few units fired, :data:`SPARSE_WEIGHT_GRAD_DENSITY`). Both give the same
-gradients (a unit outside G gets a value that is multiplied by zero). ``"auto"`` also computes
-the forward recurrent product densely (one matmul per step) for many samples at high activity.
-The elementwise cell runs in the same numba kernels in every mode.
+matmul per step (BLAS) instead. Both give the same gradients (a unit outside G gets a value that
+is multiplied by zero). ``"auto"`` also computes the forward recurrent product densely (one
+matmul per step) for many samples at high activity. The elementwise cell runs in the same numba
+kernels in every mode.
 
 What is saved for the backward pass is the gates ``(r, z, n)``, ``W_hn y + b_hn``, the outputs
 and candidate states; events and previous states are recomputed from them exactly.
