@@ -19,6 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import prange
+from numba.extending import overload
 
 ZONEOUT_NONE, ZONEOUT_MASK, ZONEOUT_EVAL = 0, 1, 2
 
@@ -88,21 +89,24 @@ def _add_rows(out, w_t, idx, n, values, lo):
 
 
 # exp(x) = 2^n·exp(r), x = n·ln 2 + r, |r| ≤ ln(2)/2: Cody–Waite reduction (ln 2 split in two so
-# that n·LN2_HI is exact) and the Taylor polynomial of degree 13 (truncation < 1e-17 relative).
-_LOG2E = 1.4426950408889634
-_LN2_HI = 6.93147180369123816490e-01
-_LN2_LO = 1.90821492927058770002e-10
+# that n·ln2_hi is exact), a Taylor polynomial in r, and 2^n from its bit pattern. In arithmetic
+# only (no libm call), so that a loop calling it is vectorised by LLVM: libm's exp and tanh are
+# scalar calls and were most of the cell's time. One version per float type, so that float32
+# data is computed in float32 (twice the SIMD lanes of float64 and cheaper divisions).
+
+def _exp(x):
+    """``exp(x)`` in the float type of x, to about 2 ulp (jitted code: the typed versions below;
+    without the JIT: numpy's)."""
+    return np.exp(x)
 
 
 @_jit(fastmath=_CONTRACT, inline="always")
-def _exp(x):
-    """``exp(x)`` of a float64 to about 2 ulp, in arithmetic only (no libm call), so that a loop
-    calling it is vectorised by LLVM; libm's exp and tanh are scalar calls and were most of the
-    cell's time. Clamped to [−708, 709]: beyond, the sigmoid and tanh built on it are exact 0/±1
-    to float64 precision anyway (exp(−708) ≈ 3e−308)."""
+def _exp64(x):
+    """Degree 13 (truncation < 1e-17 relative). Clamped to [−708, 709]: beyond, the sigmoid and
+    tanh built on it are exact 0/±1 to float64 precision anyway (exp(−708) ≈ 3e−308)."""
     x = min(max(x, -708.0), 709.0)
-    n = np.floor(x * _LOG2E + 0.5)
-    r = x - n * _LN2_HI - n * _LN2_LO
+    n = np.floor(x * 1.4426950408889634 + 0.5)
+    r = x - n * 6.93147180369123816490e-01 - n * 1.90821492927058770002e-10
     p = 1.0 / 6227020800.0
     p = p * r + 1.0 / 479001600.0
     p = p * r + 1.0 / 39916800.0
@@ -117,8 +121,36 @@ def _exp(x):
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
-    # 2^n from its bit pattern (n is in [−1021, 1023] after the clamp: a normal float64)
+    # n is in [−1021, 1023] after the clamp: a normal float64
     return p * np.int64((np.int64(n) + 1023) << 52).view(np.float64)
+
+
+_F = np.float32
+
+
+@_jit(fastmath=_CONTRACT, inline="always")
+def _exp32(x):
+    """Degree 8 (truncation < 1e-10 relative), float32 throughout. Clamped to [−87, 88]: the
+    normal float32 range; beyond, the sigmoid and tanh are exact 0/±1 in float32."""
+    x = min(max(x, _F(-87.0)), _F(88.0))
+    n = np.floor(x * _F(1.44269504) + _F(0.5))
+    r = x - n * _F(0.693359375) - n * _F(-2.12194440e-4)
+    p = _F(1.0 / 40320.0)
+    p = p * r + _F(1.0 / 5040.0)
+    p = p * r + _F(1.0 / 720.0)
+    p = p * r + _F(1.0 / 120.0)
+    p = p * r + _F(1.0 / 24.0)
+    p = p * r + _F(1.0 / 6.0)
+    p = p * r + _F(0.5)
+    p = p * r + _F(1.0)
+    p = p * r + _F(1.0)
+    # n is in [−126, 127] after the clamp: a normal float32
+    return p * np.int32((np.int32(n) + 127) << 23).view(np.float32)
+
+
+@overload(_exp, inline="always")
+def _exp_typed(x):
+    return (lambda x: _exp32(x)) if x == numba.types.float32 else (lambda x: _exp64(x))
 
 
 # error_model="numpy": no ZeroDivisionError check on ``/`` (the denominators here are ≥ 1),
@@ -130,22 +162,25 @@ def _cell_forward(gates, gh, c, zmask, zmode, zp, gh_n, c_hat):
     gates (G,): in, the input part ``W_ih x_t + b_ih``; out, ``(r, z, n)``. gh (G,): the
     recurrent part ``W_hh y_{t-1} + b_hh``. c (H,): ``c_{t-1}``. zmask (H,): zoneout keep-mask
     (read for ZONEOUT_MASK only). Writes gh_n (H,) = ``W_hn y_{t-1} + b_hn`` and c_hat (H,).
-    Computed in float64 and rounded once when stored (float32 data: within an ulp of torch's
-    float32 arithmetic); events are taken afterwards from the stored c_hat.
+    Computed in the data's float type (``one`` carries it: a float literal would promote float32
+    to float64); events are taken afterwards from the stored c_hat.
     """
     H = c.shape[0]
+    one = c.dtype.type(1.0)
+    two = one + one
+    zp_ = c.dtype.type(zp)
     for i in range(H):
-        r = 1.0 / (1.0 + _exp(-(np.float64(gates[i]) + gh[i])))
-        z = 1.0 / (1.0 + _exp(-(np.float64(gates[H + i]) + gh[H + i])))
-        hn = np.float64(gh[2 * H + i])
-        a = np.float64(gates[2 * H + i]) + r * hn
-        nn = 1.0 - 2.0 / (_exp(2.0 * a) + 1.0)  # tanh(a), to ~2e−16 absolute
-        cp = np.float64(c[i])
-        ch = (1.0 - z) * nn + z * cp
+        r = one / (one + _exp(-(gates[i] + gh[i])))
+        z = one / (one + _exp(-(gates[H + i] + gh[H + i])))
+        hn = gh[2 * H + i]
+        a = gates[2 * H + i] + r * hn
+        nn = one - two / (_exp(two * a) + one)  # tanh(a), to about an ulp of 1 absolute
+        cp = c[i]
+        ch = (one - z) * nn + z * cp
         if zmode == ZONEOUT_MASK:
             ch = cp + zmask[i] * (ch - cp)
         elif zmode == ZONEOUT_EVAL:
-            ch = zp * cp + (1.0 - zp) * ch
+            ch = zp_ * cp + (one - zp_) * ch
         gates[i] = r
         gates[H + i] = z
         gates[2 * H + i] = nn
@@ -281,6 +316,14 @@ def forward_cell_step(t, gates, gh, theta, lengths, zmode, zmask, zp, y_prev, c,
             _fire(c_hat[t, b], theta, y[t, b], y_prev[b], c[b], act[b])
 
 
+@_jit(fastmath=_CONTRACT, inline="always")
+def _pseudo_derivative(v, gamma, k, one):
+    """The triangle surrogate of dH/dv, ``γ·max(0, 1 − k|v|)``, in the float type of ``one``
+    (the cell and the choice of G_t must round it alike: a unit is in G exactly where it is
+    nonzero)."""
+    return gamma * max(one - one, one - k * abs(v))
+
+
 @_jit(fastmath=_CONTRACT)
 def _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma, k, g_y, g_e,
                    g_c_hat, has_g_e, has_g_c_hat, dy, dc, d_gi, dgh, d_theta):
@@ -289,15 +332,19 @@ def _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma,
     Reads dy[b], dc[b] (gradients reaching ``y_t`` from later steps, and ``c_t``) and the
     saved forward values of step ``t``; writes d_gi[t, b] (gradient of ``W_ih x_t + b_ih``),
     dgh[b] (gradient of ``W_hh y_{t-1} + b_hh``), dc[b] (now the gradient of ``c_{t-1}``)
-    and accumulates d_theta[b]. Arguments as in :func:`layer_backward`.
+    and accumulates d_theta[b]. Arguments as in :func:`layer_backward`. Computed in the data's
+    float type, as the forward cell.
     """
     H = theta.shape[0]
+    one = c_hat.dtype.type(1.0)
+    zero = one - one
+    gamma_, k_, zp_ = c_hat.dtype.type(gamma), c_hat.dtype.type(k), c_hat.dtype.type(zp)
     for i in range(H):
         th = theta[i]
         ch = c_hat[t, b, i]
         fired = ch > th
-        e = 1.0 if fired else 0.0
-        sg = gamma * max(0.0, 1.0 - k * abs(ch - th))
+        e = one if fired else zero
+        sg = _pseudo_derivative(ch - th, gamma_, k_, one)
         if t == 0:
             cp = c0[b, i]
         else:
@@ -324,19 +371,19 @@ def _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma,
             gch0 = m * gch
             gcp = gch - m * gch
         elif zmode == ZONEOUT_EVAL:
-            gch0 = (1 - zp) * gch
-            gcp = zp * gch
+            gch0 = (one - zp_) * gch
+            gcp = zp_ * gch
         else:
             gch0 = gch
-            gcp = 0.0
+            gcp = zero
         # ĉ0 = (1 − z)·n + z·c_{t-1}
-        gn = gch0 * (1 - z)
+        gn = gch0 * (one - z)
         gz = gch0 * (cp - nn)
         gcp += gch0 * z
         # n = tanh(i_n + r·h_n), z = σ(i_z + h_z), r = σ(i_r + h_r)
-        ga_n = gn * (1 - nn * nn)
-        ga_z = gz * z * (1 - z)
-        ga_r = ga_n * gh_n[t, b, i] * r * (1 - r)
+        ga_n = gn * (one - nn * nn)
+        ga_z = gz * z * (one - z)
+        ga_r = ga_n * gh_n[t, b, i] * r * (one - r)
         d_gi[t, b, i] = ga_r
         d_gi[t, b, H + i] = ga_z
         d_gi[t, b, 2 * H + i] = ga_n
@@ -390,6 +437,8 @@ def layer_backward(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask,
     dc = g_c_last.copy()  # gradient reaching c_t
     dgh = np.zeros((B, G), gates.dtype)  # gradient of W_hh y_{t-1} + b_hh at step t
     need = np.empty((B, H), np.int64)  # units of G_{t-1} per sample
+    one = c_hat.dtype.type(1.0)
+    gamma_, k_ = c_hat.dtype.type(gamma), c_hat.dtype.type(k)
     for b in prange(B):
         for t in range(lengths[b] - 1, -1, -1):
             _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma, k,
@@ -403,7 +452,7 @@ def layer_backward(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask,
                     n += 1
                 else:
                     cp = c_hat[t - 1, b, j]
-                    if cp > theta[j] or gamma * max(0.0, 1.0 - k * abs(cp - theta[j])) > 0:
+                    if cp > theta[j] or _pseudo_derivative(cp - theta[j], gamma_, k_, one) > 0:
                         need[b, n] = j
                         n += 1
             # dy_{t-1}[j] = W_hh[:, j] · δ_t for j in G_{t-1}
