@@ -335,7 +335,7 @@ def _dense_recurrent_forward(K, gates, w_hh_t, b_hh, theta, y0, c0, len_np, zmod
     for t in range(T):
         torch.addmm(b_hh, y_prev, w_hh_t, out=gh)
         step(t, *arrays)
-        counters.recurrent += G * H * int((len_np > t).sum())
+    counters.recurrent += G * H * int(np.minimum(len_np, T).sum())  # a product per valid step
     y_last.copy_(y_prev)
     c_last.copy_(c)
 
