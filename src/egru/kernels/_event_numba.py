@@ -157,16 +157,19 @@ def _exp_typed(x):
 # error_model="numpy": no ZeroDivisionError check on ``/`` (the denominators here are ≥ 1),
 # whose branch would keep LLVM from vectorising the loop.
 @_jit(fastmath=_CONTRACT, error_model="numpy")
-def _cell_forward(gates, gh, c, zmask, zmode, zp, gh_n, c_hat):
-    """The gates and candidate state of one sample and step, as a loop LLVM can vectorise.
+def _cell_forward(gates, gh, c, theta, zmask, zmode, zp, gh_n, c_hat, y, y_prev, e):
+    """One sample and step of the cell, events included, as a loop LLVM can vectorise.
 
     gates (G,): in, the input part ``W_ih x_t + b_ih``; out, ``(r, z, n)``. gh (G,): the
-    recurrent part ``W_hh y_{t-1} + b_hh``. c (H,): ``c_{t-1}``. zmask (H,): zoneout keep-mask
-    (read for ZONEOUT_MASK only). Writes gh_n (H,) = ``W_hn y_{t-1} + b_hn`` and c_hat (H,).
-    Computed in the data's float type (``one`` carries it: a float literal would promote float32
-    to float64); events are taken afterwards from the stored c_hat.
+    recurrent part ``W_hh y_{t-1} + b_hh``. c (H,): in ``c_{t-1}``, out ``c_t`` (after the
+    reset). theta (H,). zmask (H,): zoneout keep-mask (read for ZONEOUT_MASK only). Writes
+    gh_n (H,) = ``W_hn y_{t-1} + b_hn``, c_hat (H,), the output into y and y_prev (H,) and the
+    events e (H,) (1 or 0). Computed in the data's float type (``one`` carries it: a float
+    literal would promote float32 to float64); the event is decided on the rounded candidate
+    state that is stored, so it is the one the backward pass recomputes from c_hat.
     """
     H = c.shape[0]
+    zero = c.dtype.type(0.0)
     one = c.dtype.type(1.0)
     two = one + one
     zp_ = c.dtype.type(zp)
@@ -187,11 +190,18 @@ def _cell_forward(gates, gh, c, zmask, zmode, zp, gh_n, c_hat):
         gates[2 * H + i] = nn
         gh_n[i] = hn
         c_hat[i] = ch
+        # the event: output the value, reset by the threshold (selects, not branches)
+        fired = ch > theta[i]
+        out = ch if fired else zero
+        y[i] = out
+        y_prev[i] = out
+        c[i] = ch - theta[i] if fired else ch
+        e[i] = one if fired else zero
 
 
 @_jit(parallel=True, fastmath=_CONTRACT)
 def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
-                  y, c_hat, gh_n, y_last, c_last, macs):
+                  y, c_hat, gh_n, e, y_last, c_last, macs):
     """One layer and direction over a whole sequence; event-driven recurrent product.
 
     Shapes: T steps, B samples, H units, G = 3H.
@@ -199,12 +209,14 @@ def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
                        out: ``(r, z, n)`` of every valid step (kept for the backward pass).
       w_hh_t (H, G), b_hh (G,), theta (H,), y0 and c0 (B, H), lengths (B,) int64 in [0, T].
       zmode: ZONEOUT_NONE, ZONEOUT_MASK (keep-mask zmask (T, B, H)) or ZONEOUT_EVAL (p = zp).
-    Outputs, zero on entry:
-      y, c_hat, gh_n (T, B, H): outputs, candidate states and ``W_hn y_{t-1} + b_hn``;
+    Outputs, written at every valid step (padded steps are left untouched: the caller zeroes
+    them when the lengths differ):
+      y, c_hat, gh_n, e (T, B, H): outputs, candidate states, ``W_hn y_{t-1} + b_hn`` and
+      events (1 or 0);
       y_last, c_last (B, H): state after each sample's last step;
       macs (B,) int64: multiply-accumulates done in the recurrent product, ``G·|A_{t-1}|``
       summed over the valid steps.
-    Padded steps (``t >= lengths[b]``) are skipped: their outputs stay zero.
+    Padded steps (``t >= lengths[b]``) are skipped.
 
     Samples are independent in the forward pass, so each thread runs whole sequences of its
     samples (one parallel region per call, no synchronisation per step). Per step a sample adds
@@ -231,13 +243,14 @@ def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
             _add_rows(gh[b], w_hh_t, act[b], n, y_last[b], 0)
             macs[b] += G * n
             zm = zmask[t, b] if zmode == ZONEOUT_MASK else zmask[0, 0]
-            _cell_forward(gates[t, b], gh[b], c_last[b], zm, zmode, zp, gh_n[t, b], c_hat[t, b])
-            n = _fire(c_hat[t, b], theta, y[t, b], y_last[b], c_last[b], act[b])
+            _cell_forward(gates[t, b], gh[b], c_last[b], theta, zm, zmode, zp, gh_n[t, b],
+                          c_hat[t, b], y[t, b], y_last[b], e[t, b])
+            n = _fired_units(e[t, b], act[b])
 
 
 @_jit(parallel=True, fastmath=_CONTRACT)
 def layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp, n_chunks,
-                        y, c_hat, gh_n, y_last, c_last, macs):
+                        y, c_hat, gh_n, e, y_last, c_last, macs):
     """:func:`layer_forward` for fewer samples than threads: the recurrent product of each
     step is split over slices of the G gate rows instead, one per thread.
 
@@ -271,50 +284,40 @@ def layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmas
             if lengths[b] > t:
                 macs[b] += G * n_act[b]
                 zm = zmask[t, b] if zmode == ZONEOUT_MASK else zmask[0, 0]
-                _cell_forward(gates[t, b], gh[b], c_last[b], zm, zmode, zp, gh_n[t, b], c_hat[t, b])
-                n_act[b] = _fire(c_hat[t, b], theta, y[t, b], y_last[b], c_last[b], act[b])
+                _cell_forward(gates[t, b], gh[b], c_last[b], theta, zm, zmode, zp, gh_n[t, b],
+                              c_hat[t, b], y[t, b], y_last[b], e[t, b])
+                n_act[b] = _fired_units(e[t, b], act[b])
 
 
 @_jit()
-def _fire(c_hat, theta, y, y_prev, c, act):
-    """Events of one sample and step from the stored (rounded) candidate state c_hat (H,).
-
-    Writes y (H,) (zero on entry), y_prev (H,) (the output, for the next step), c (H,) (the
-    state after the reset) and the fired units into act[:n]; returns n.
-    """
+def _fired_units(e, act):
+    """The units with an event, e (H,) != 0, into act[:n]; returns n."""
     n = 0
-    for i in range(c_hat.shape[0]):
-        ch = c_hat[i]
-        if ch > theta[i]:  # event: output the value, reset by the threshold
-            y[i] = ch
-            y_prev[i] = ch
-            c[i] = ch - theta[i]
+    for i in range(e.shape[0]):
+        if e[i] != 0:
             act[n] = i
             n += 1
-        else:
-            y_prev[i] = 0
-            c[i] = ch
     return n
 
 
 @_jit(fastmath=_CONTRACT)
-def forward_cell_step(t, gates, gh, theta, lengths, zmode, zmask, zp, y_prev, c, act, y, c_hat,
-                      gh_n):
+def forward_cell_step(t, gates, gh, theta, lengths, zmode, zmask, zp, y_prev, c, y, c_hat, gh_n,
+                      e):
     """The cell of step ``t`` for every valid sample, given the recurrent part gh (B, G) (the
     dense mode: the caller runs the time loop and computes ``gh = b_hh + y_{t-1}·W_hhᵀ`` with
     one matmul per step, faster than events when most units fire).
 
     y_prev, c (B, H): in, the state after step t−1; out, after step t (samples past their end
-    keep theirs). act (B, H) int64: scratch. Other arguments as in :func:`layer_forward`.
-    One thread: the vectorised cell is a fraction of the step's matmul, and handing the cores
-    back and forth between torch's and numba's thread pools every step cost more (measured).
+    keep theirs). Other arguments as in :func:`layer_forward`. One thread: the vectorised cell
+    is a fraction of the step's matmul, and handing the cores back and forth between torch's
+    and numba's thread pools every step cost more (measured).
     """
     B = y_prev.shape[0]
     for b in range(B):
         if lengths[b] > t:
             zm = zmask[t, b] if zmode == ZONEOUT_MASK else zmask[0, 0]
-            _cell_forward(gates[t, b], gh[b], c[b], zm, zmode, zp, gh_n[t, b], c_hat[t, b])
-            _fire(c_hat[t, b], theta, y[t, b], y_prev[b], c[b], act[b])
+            _cell_forward(gates[t, b], gh[b], c[b], theta, zm, zmode, zp, gh_n[t, b],
+                          c_hat[t, b], y[t, b], y_prev[b], e[t, b])
 
 
 @_jit(fastmath=_CONTRACT, inline="always")

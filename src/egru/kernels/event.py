@@ -171,7 +171,7 @@ class _EventLayer(torch.autograd.Function):
         x2 = x.detach().reshape(T * B, I)
         valid = valid_steps(lengths, T, B, x.device)
         len_np = (torch.full((B,), T, dtype=torch.int64) if lengths is None else lengths).numpy()
-        density = float((x2 != 0).sum()) / max(x2.numel(), 1)
+        density = float(torch.count_nonzero(x2)) / max(x2.numel(), 1)
         sparse_input = density < SPARSE_INPUT_DENSITY
         if sparse_input:
             gates = torch.empty(T * B, G, dtype=x.dtype)
@@ -189,9 +189,9 @@ class _EventLayer(torch.autograd.Function):
         else:
             zmode = K.ZONEOUT_EVAL if zoneout_p > 0 else K.ZONEOUT_NONE
             zm = torch.zeros(1, 1, 1, dtype=x.dtype)
-        y = torch.zeros(T, B, H, dtype=x.dtype)
-        c_hat = torch.zeros_like(y)
-        gh_n = torch.zeros_like(y)
+        # the kernels write every valid step; padded ones must read as zero
+        alloc = torch.empty if lengths is None else torch.zeros
+        y, c_hat, gh_n, e = (alloc(T, B, H, dtype=x.dtype) for _ in range(4))
         y_last = torch.empty(B, H, dtype=x.dtype)
         c_last = torch.empty_like(y_last)
         macs = torch.zeros(B, dtype=torch.int64)
@@ -201,16 +201,15 @@ class _EventLayer(torch.autograd.Function):
         if dense_forward:
             _dense_recurrent_forward(K, gates, w_hh_t, b_hh_.contiguous(), theta_,
                                      y0.detach(), c0.detach(), len_np, zmode, zm, float(zoneout_p),
-                                     y, c_hat, gh_n, y_last, c_last)
+                                     y, c_hat, gh_n, e, y_last, c_last)
         else:
             forward, n_chunks = _forward_kernel(K, B)
             forward(gates.numpy(), w_hh_t.numpy(), b_hh_.contiguous().numpy(), theta_.numpy(),
                     y0.detach().contiguous().numpy(), c0.detach().contiguous().numpy(), len_np,
                     zmode, zm.numpy(), float(zoneout_p), *n_chunks, y.numpy(), c_hat.numpy(),
-                    gh_n.numpy(), y_last.numpy(), c_last.numpy(), macs.numpy())
+                    gh_n.numpy(), e.numpy(), y_last.numpy(), c_last.numpy(), macs.numpy())
             counters.recurrent += int(macs.sum())
         counters.calls += 1
-        e = ((c_hat > theta.detach()) & valid.unsqueeze(-1)).to(x.dtype)
 
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, y0, c0, w_ih, w_hh, theta, gates, gh_n, c_hat, y, zm)
@@ -316,22 +315,21 @@ def _weight_grad(K, x2, d_out2, sparse=None):
 
 
 def _dense_recurrent_forward(K, gates, w_hh_t, b_hh, theta, y0, c0, len_np, zmode, zm,
-                             zp, y, c_hat, gh_n, y_last, c_last):
+                             zp, y, c_hat, gh_n, e, y_last, c_last):
     """The forward time loop with a dense ``gh = b_hh + y_{t-1}·W_hhᵀ`` per step (one matmul,
     B×H by H×G): faster than the event-driven product when most units fire.
 
-    Same contract as ``layer_forward`` (y, c_hat, gh_n (T, B, H) zero on entry, gates (T, B, G)
-    turned into ``(r, z, n)``); writes y_last, c_last (B, H).
+    Same contract as ``layer_forward`` (writes y, c_hat, gh_n, e (T, B, H) at the valid steps,
+    turns gates (T, B, G) into ``(r, z, n)``); writes y_last, c_last (B, H).
     """
     T, B, G = gates.shape
     H = G // 3
     y_prev = y0.clone().contiguous()
     c = c0.clone().contiguous()
     gh = torch.empty(B, G, dtype=gates.dtype)
-    act = torch.empty(B, H, dtype=torch.int64)
     step = K.forward_cell_step
     arrays = (gates.numpy(), gh.numpy(), theta.numpy(), len_np, zmode, zm.numpy(), zp,
-              y_prev.numpy(), c.numpy(), act.numpy(), y.numpy(), c_hat.numpy(), gh_n.numpy())
+              y_prev.numpy(), c.numpy(), y.numpy(), c_hat.numpy(), gh_n.numpy(), e.numpy())
     for t in range(T):
         torch.addmm(b_hh, y_prev, w_hh_t, out=gh)
         step(t, *arrays)
