@@ -185,13 +185,16 @@ def test_layer_parity_random(T, B, I, H, reverse, packed, zoneout, mode, forward
     surrogate = Triangle(0.7, 1.5)
     ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, surrogate, **kwargs)
     layer = dense_forward_layer if forward == "dense" else event.egru_layer_event
-    # "event-split": the forward kernel that splits each step's product over threads
-    split, event.SPLIT_MAX_BATCH = event.SPLIT_MAX_BATCH, (100 if forward == "event-split" else 0)
+    # "event-split": the forward kernel that splits each step's product over threads, at the
+    # steps that follow at least seed % 5 events (one thread at the others: both branches)
+    saved = event.SPLIT_MAX_BATCH, event.SPLIT_MIN_EVENTS
+    event.SPLIT_MAX_BATCH = 100 if forward == "event-split" else 0
+    event.SPLIT_MIN_EVENTS = seed % 5
     try:
         with kernel_mode(mode):
             got, got_grads = layer_with_grads(layer, tensors, surrogate, **kwargs)
     finally:
-        event.SPLIT_MAX_BATCH = split
+        event.SPLIT_MAX_BATCH, event.SPLIT_MIN_EVENTS = saved
     assert torch.equal(got.e, ref.e)
     tol = TOL[dtype]
     for a, b in [(got.y, ref.y), (got.state.y, ref.state.y), (got.state.c, ref.state.c)]:

@@ -248,16 +248,27 @@ def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
             n = _fired_units(e[t, b], act[b])
 
 
+@_jit(fastmath=_CONTRACT)
+def _product_slice(gh, w_hh_t, b_hh, act, n_act, y_last, lengths, t, lo, hi):
+    """Gate rows lo:hi of ``gh = b_hh + Σ_{j fired} y_j · W_hh[:, j]`` for the samples still
+    running at step t."""
+    for b in range(gh.shape[0]):
+        if lengths[b] > t:
+            gh[b, lo:hi] = b_hh[lo:hi]
+            _add_rows(gh[b, lo:hi], w_hh_t, act[b], n_act[b], y_last[b], lo)
+
+
 @_jit(parallel=True, fastmath=_CONTRACT)
 def layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp, n_chunks,
-                        y, c_hat, gh_n, e, y_last, c_last, macs):
+                        min_events, y, c_hat, gh_n, e, y_last, c_last, macs):
     """:func:`layer_forward` for fewer samples than threads: the recurrent product of each
     step is split over slices of the G gate rows instead, one per thread.
 
     With one sample the product reads ``|A_{t-1}|`` rows of ``w_hh_t`` from the last-level
     cache per step and is bound by that bandwidth; two cores read twice as fast, which pays
-    for waking the threads once per step. n_chunks: the number of slices (the threads); other
-    arguments and outputs as in :func:`layer_forward`.
+    for waking the threads once per step when there are at least min_events rows to read (with
+    fewer, one thread adds them). n_chunks: the number of slices (the threads); other arguments
+    and outputs as in :func:`layer_forward`.
     """
     T, B, G = gates.shape
     H = G // 3
@@ -273,13 +284,12 @@ def layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmas
                 n_act[b] += 1
     gh = np.empty((B, G), y.dtype)
     for t in range(T):
-        for q in prange(n_chunks):
-            lo = q * width
-            hi = min(G, lo + width)
-            for b in range(B):
-                if lengths[b] > t:
-                    gh[b, lo:hi] = b_hh[lo:hi]
-                    _add_rows(gh[b, lo:hi], w_hh_t, act[b], n_act[b], y_last[b], lo)
+        if n_act.sum() >= min_events:
+            for q in prange(n_chunks):
+                _product_slice(gh, w_hh_t, b_hh, act, n_act, y_last, lengths, t, q * width,
+                               min(G, q * width + width))
+        else:
+            _product_slice(gh, w_hh_t, b_hh, act, n_act, y_last, lengths, t, 0, G)
         for b in range(B):
             if lengths[b] > t:
                 macs[b] += G * n_act[b]

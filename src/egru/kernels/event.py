@@ -382,20 +382,23 @@ def _parallel(batch: int, min_batch: Optional[int] = None) -> bool:
 
 
 # Below this batch size the forward pass splits each step's product over the threads instead
-# of running whole samples per thread.
+# of running whole samples per thread, at steps that follow at least SPLIT_MIN_EVENTS events
+# (reading fewer rows of W_hhᵀ takes less time than waking the threads).
 SPLIT_MAX_BATCH = 1
+SPLIT_MIN_EVENTS = 32
 
 
 def _forward_kernel(K, batch: int):
     """The event-driven forward kernel for this batch size (see _event_numba.layer_forward),
-    and its extra arguments: ``(n_chunks,)`` for the split kernel, none for the others."""
+    and its extra arguments: ``(n_chunks, min_events)`` for the split kernel, none for the
+    others."""
     from numba import get_num_threads
 
     threads = get_num_threads()
     if threads == 1:
         return K.layer_forward_serial, ()
     if batch <= SPLIT_MAX_BATCH:
-        return K.layer_forward_split, (threads,)
+        return K.layer_forward_split, (threads, SPLIT_MIN_EVENTS)
     return K.layer_forward, ()
 
 
