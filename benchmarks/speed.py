@@ -15,8 +15,10 @@ Two input modes (``--input``), reported as separate rows:
   activity as the layer's target (random normal values at a random ``activity`` fraction of
   the entries), and the input needs a gradient (it flows on to the layer below).
 
-``nn.GRU`` and ``nn.LSTM`` do the same dense work for any input values, so each is timed once
-per (B, H) and input-gradient setting.
+``nn.GRU`` and ``nn.LSTM`` do the same dense work for any input values, so each has one row per
+(B, H) and input-gradient setting; besides, nn.GRU is timed again alongside every EGRU row, call
+for call in turn with it, and the row's ratio is to those times (the machine's speed drifts
+between rows).
 
 Peak memory of forward+backward: the peak of the bytes held by torch's CPU allocator during
 one forward+backward, above what was held before, from the profiler's memory events
@@ -43,14 +45,18 @@ import torch
 import egru
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (numba compilation, allocator)
-    times = []
+def median_times(fns, repeats: int) -> list:
+    """Median wall-clock seconds of each of ``fns``, called in turn (one call of each per
+    round), so that functions timed together see the same state of the machine."""
+    for fn in fns:
+        fn()  # warm-up (numba compilation, allocator)
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def peak_memory(fn) -> int:
@@ -100,11 +106,13 @@ def set_activity(model, x, target: float) -> float:
     return measure_activity(model, x)
 
 
-def time_model(model, x, repeats: int, *, input_grad: bool, memory: bool = True) -> dict:
-    model.eval()
-    with torch.no_grad():
-        forward = median_time(lambda: model(x), repeats)
+def _calls(model, x, input_grad: bool):
+    """The forward (no_grad) and forward+backward callables of ``model`` on ``x``."""
     xg = x.clone().requires_grad_(input_grad)
+
+    def forward():
+        with torch.no_grad():
+            model(x)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -112,7 +120,27 @@ def time_model(model, x, repeats: int, *, input_grad: bool, memory: bool = True)
         out = model(xg)[0]
         out.sum().backward()
 
-    result = {"forward_s": forward, "forward_backward_s": median_time(step, max(1, repeats // 2 + 1))}
+    return forward, step
+
+
+def time_model(model, x, repeats: int, *, input_grad: bool, memory: bool = True,
+               alongside=None) -> dict:
+    """Times (and peak memory) of ``model``. ``alongside=(gru, x_gru)``: nn.GRU is timed in
+    turn with the model, call for call, and its times are stored with the row (``gru_*``), so
+    the ratio compares the two over the same seconds: this machine's speed drifts by up to
+    ±30 % over minutes, nn.GRU's as much as anyone's."""
+    model.eval()
+    forward, step = _calls(model, x, input_grad)
+    fwd_fns, step_fns = [forward], [step]
+    if alongside is not None:
+        gru_forward, gru_step = _calls(alongside[0].eval(), alongside[1], input_grad)
+        fwd_fns.append(gru_forward)
+        step_fns.append(gru_step)
+    fwd_times = median_times(fwd_fns, repeats)
+    step_times = median_times(step_fns, max(1, repeats // 2 + 1))
+    result = {"forward_s": fwd_times[0], "forward_backward_s": step_times[0]}
+    if alongside is not None:
+        result.update(gru_forward_s=fwd_times[1], gru_forward_backward_s=step_times[1])
     if isinstance(model, egru.EGRU) and model.backend != "reference":
         # fraction of the dense W_hᵀδ MACs the backward pass did (1.0: dense mode, see event.py)
         from egru.kernels import event
@@ -123,7 +151,6 @@ def time_model(model, x, repeats: int, *, input_grad: bool, memory: bool = True)
         result["backward_recurrent_fraction"] = event.counters.backward_recurrent / (3 * H * H * T * B)
     if memory:
         model.zero_grad(set_to_none=True)
-        xg.grad = None
         result["peak_memory_bytes"] = peak_memory(step)
     return result
 
@@ -164,7 +191,8 @@ def run(batches, hiddens, activities, backends, steps, repeats, reference_max_hi
                         row = {**base, "model": f"EGRU[{backend}]", "support_k": support_k,
                                "target_activity": target,
                                "activity": measure_activity(model, x),
-                               **time_model(model, x, repeats, input_grad=input_grad)}
+                               **time_model(model, x, repeats, input_grad=input_grad,
+                                            alongside=(gru, x_dense))}
                         rows.append(row)
                         print(_fmt(row, gru_row), flush=True)
     return rows
@@ -185,34 +213,43 @@ def set_threshold_like(model, key, gru, x, target) -> None:
             threshold.copy_(_thresholds[key])
 
 
+def ratios(row, gru_row) -> tuple:
+    """nn.GRU's time over the row's, forward and forward+backward: against nn.GRU timed
+    alongside the row where it was, else against the nn.GRU row of the same (B, H, input)."""
+    gru_fwd = row.get("gru_forward_s", gru_row["forward_s"])
+    gru_fb = row.get("gru_forward_backward_s", gru_row["forward_backward_s"])
+    return gru_fwd / row["forward_s"], gru_fb / row["forward_backward_s"]
+
+
 def _fmt(row, gru_row) -> str:
     name = row["model"]
     if "activity" in row:
         name += f" act={row['activity']:.3f}"
     fwd, fb = row["forward_s"], row["forward_backward_s"]
+    r_fwd, r_fb = ratios(row, gru_row)
     mem = row.get("peak_memory_bytes", 0) / 2**20
     bwd = row.get("backward_recurrent_fraction")
     return (f"B={row['B']:<3} H={row['H']:<5} {row['input']:<6} {name:<28} fwd {fwd * 1e3:9.1f} ms "
-            f"({gru_row['forward_s'] / fwd:5.2f}x GRU)  fwd+bwd {fb * 1e3:9.1f} ms "
-            f"({gru_row['forward_backward_s'] / fb:5.2f}x GRU)  peak {mem:7.1f} MiB"
+            f"({r_fwd:5.2f}x GRU)  fwd+bwd {fb * 1e3:9.1f} ms "
+            f"({r_fb:5.2f}x GRU)  peak {mem:7.1f} MiB"
             + ("" if bwd is None else f"  bwd W_h^T.delta {bwd:4.2f} of dense"))
 
 
 def markdown_table(rows) -> str:
-    """The rows of a results file as the markdown table of docs/speed.md; ratios are to the
-    nn.GRU row of the same (B, H, input)."""
+    """The rows of a results file as the markdown table of docs/speed.md (ratios: see
+    :func:`ratios`)."""
     lines = ["| input | B | H | model | act | fwd ms | ×GRU | fwd+bwd ms | ×GRU | peak MiB | bwd W_hᵀδ |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     grus = {(r["B"], r["H"], r["input"]): r for r in rows if r["model"] == "nn.GRU"}
     for r in rows:
-        gru = grus[(r["B"], r["H"], r["input"])]
+        r_fwd, r_fb = ratios(r, grus[(r["B"], r["H"], r["input"])])
         act = f"{r['activity']:.3f}" if "activity" in r else ""
         bwd = r.get("backward_recurrent_fraction")
         lines.append(
             f"| {r['input']} | {r['B']} | {r['H']} | {r['model']} | {act} | "
-            f"{r['forward_s'] * 1e3:.1f} | {gru['forward_s'] / r['forward_s']:.2f} | "
-            f"{r['forward_backward_s'] * 1e3:.1f} | {gru['forward_backward_s'] / r['forward_backward_s']:.2f} | "
-            f"{r.get('peak_memory_bytes', 0) / 2**20:.1f} | {'' if bwd is None else f'{bwd:.2f}'} |")
+            f"{r['forward_s'] * 1e3:.1f} | {r_fwd:.2f} | {r['forward_backward_s'] * 1e3:.1f} | "
+            f"{r_fb:.2f} | {r.get('peak_memory_bytes', 0) / 2**20:.1f} | "
+            f"{'' if bwd is None else f'{bwd:.2f}'} |")
     return "\n".join(lines)
 
 
