@@ -298,7 +298,7 @@ class EGRU(_ThresholdMixin, nn.Module):
                     lengths=lengths, zoneout_p=self.zoneout, zoneout_mask=zoneout_mask,
                     reverse=d == 1,
                 ))
-            y = torch.cat([o.y for o in outputs], dim=-1)
+            y = _join_directions([o.y for o in outputs])
             finals.extend(o.state for o in outputs)
             if record:
                 records.append(self._record(layer, x, state, outputs, lengths))
@@ -323,8 +323,8 @@ class EGRU(_ThresholdMixin, nn.Module):
                 counts = torch.cat([(y0 != 0).sum(-1, keepdim=True).T, (fired[:-1] != 0).sum(-1)])
                 recurrent.append(functional.reverse_padded(counts, lengths) if reverse else counts)
         return LayerRecord(
-            e=torch.cat([o.e for o in outputs], dim=-1),
-            c_hat=torch.cat([o.c_hat for o in outputs], dim=-1),
+            e=_join_directions([o.e for o in outputs]),
+            c_hat=_join_directions([o.c_hat for o in outputs]),
             threshold=torch.cat([self._layer_params(layer, s)[4].detach() for s in self._suffixes]),
             valid=functional.valid_steps(lengths, T, B, x.device),
             input_active=input_active,
@@ -364,6 +364,12 @@ class EGRU(_ThresholdMixin, nn.Module):
             _check_like(name, t, self.weight_ih_l0)
         y0, c0 = hx
         return EGRUState(y0, c0) if batched else EGRUState(y0.unsqueeze(1), c0.unsqueeze(1))
+
+
+def _join_directions(tensors: list) -> torch.Tensor:
+    """Per-direction tensors (T, B, H) side by side on the feature axis; one direction is
+    passed through as it is (a concatenation would copy it)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=-1)
 
 
 def _repack(output: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> PackedSequence:
