@@ -203,10 +203,10 @@ class _EventLayer(torch.autograd.Function):
                                      y0.detach(), c0.detach(), len_np, zmode, zm, float(zoneout_p),
                                      y, c_hat, gh_n, e, y_last, c_last)
         else:
-            forward, n_chunks = _forward_kernel(K, B)
+            forward, kernel_args = _forward_kernel(K, B)
             forward(gates.numpy(), w_hh_t.numpy(), b_hh_.contiguous().numpy(), theta_.numpy(),
                     y0.detach().contiguous().numpy(), c0.detach().contiguous().numpy(), len_np,
-                    zmode, zm.numpy(), float(zoneout_p), *n_chunks, y.numpy(), c_hat.numpy(),
+                    zmode, zm.numpy(), float(zoneout_p), *kernel_args, y.numpy(), c_hat.numpy(),
                     gh_n.numpy(), e.numpy(), y_last.numpy(), c_last.numpy(), macs.numpy())
             counters.recurrent += int(macs.sum())
         counters.calls += 1
