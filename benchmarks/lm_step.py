@@ -20,7 +20,6 @@ Two sources of models:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 
@@ -34,7 +33,7 @@ from egru.recipes import lm
 def fresh(model_name: str, preset: str, vocab: int, seed: int):
     """A preset's untrained model and random tokens, (rows, batch)."""
     torch.manual_seed(seed)
-    cfg = dataclasses.replace(lm.PRESETS[preset], model=model_name)
+    cfg = lm.preset(preset, model_name)
     return lm.LanguageModel(cfg, vocab), torch.randint(0, vocab, (4096, cfg.batch_size))
 
 

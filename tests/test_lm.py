@@ -114,6 +114,20 @@ def test_bad_training_arguments(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_presets_give_each_model_its_own_settings_and_flags_win():
+    parser = cli.build_parser()
+    run = ["train", "lm", "--run-dir", "unused"]
+    egru_cfg = cli.lm_config(parser.parse_args([*run, "--model", "egru"]))
+    gru_cfg = cli.lm_config(parser.parse_args([*run, "--model", "gru"]))
+    for name, value in lm.PER_MODEL["cpu-small"]["egru"].items():
+        assert getattr(egru_cfg, name) == value
+    assert egru_cfg.dropconnect != gru_cfg.dropconnect
+    assert gru_cfg.dropconnect == lm.PRESETS["cpu-small"].dropconnect
+    assert (egru_cfg.model, gru_cfg.model) == ("egru", "gru")
+    flagged = cli.lm_config(parser.parse_args([*run, "--model", "egru", "--dropconnect", "0.2"]))
+    assert flagged.dropconnect == 0.2 and flagged.lr == egru_cfg.lr
+
+
 def test_missing_data_directory(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data, "load_corpus", REAL_LOAD_CORPUS)
     code = cli.main(["train", "lm", "--run-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "none"),

@@ -46,12 +46,17 @@ def _overrides(args, config_cls) -> dict:
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
+def lm_config(args):
+    """The preset's configuration for the chosen model, with the options given on top."""
+    from egru.recipes import lm
+
+    return dataclasses.replace(lm.preset(args.preset, args.model), **_overrides(args, lm.LMConfig))
+
+
 def _train_lm(args) -> int:
     from egru.recipes import lm
 
-    if args.preset not in lm.PRESETS:
-        raise ValueError(f"unknown preset {args.preset!r}; expected one of {sorted(lm.PRESETS)}")
-    cfg = dataclasses.replace(lm.PRESETS[args.preset], **_overrides(args, lm.LMConfig))
+    cfg = lm_config(args)
     result = lm.train_and_evaluate(cfg, args.run_dir, data_dir=args.data_dir, download=args.download,
                                    resume=args.resume, progress=not args.no_progress)
     if result:
