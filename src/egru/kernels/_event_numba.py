@@ -232,11 +232,7 @@ def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
     act = np.empty((B, H), np.int64)
     gh = np.empty((B, G), y.dtype)
     for b in prange(B):
-        n = 0
-        for j in range(H):
-            if y0[b, j] != 0:
-                act[b, n] = j
-                n += 1
+        n = _fired_units(y0[b], act[b])
         for t in range(lengths[b]):
             # gh = b_hh + Σ_{j fired} y_j · W_hh[:, j]
             gh[b, :] = b_hh
@@ -276,20 +272,23 @@ def layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmas
     c_last[:] = c0
     y_last[:] = y0
     act = np.empty((B, H), np.int64)
-    n_act = np.zeros(B, np.int64)
+    n_act = np.empty(B, np.int64)
+    # events of the previous step over all samples, counted in scalar code: an array
+    # expression such as n_act.sum() would become a parallel region of its own at every step
+    # (waking the threads even where one adds the rows)
+    total = 0
     for b in range(B):
-        for j in range(H):
-            if y0[b, j] != 0:
-                act[b, n_act[b]] = j
-                n_act[b] += 1
+        n_act[b] = _fired_units(y0[b], act[b])
+        total += n_act[b]
     gh = np.empty((B, G), y.dtype)
     for t in range(T):
-        if n_act.sum() >= min_events:
+        if total >= min_events:
             for q in prange(n_chunks):
                 _product_slice(gh, w_hh_t, b_hh, act, n_act, y_last, lengths, t, q * width,
                                min(G, q * width + width))
         else:
             _product_slice(gh, w_hh_t, b_hh, act, n_act, y_last, lengths, t, 0, G)
+        total = 0
         for b in range(B):
             if lengths[b] > t:
                 macs[b] += G * n_act[b]
@@ -297,6 +296,7 @@ def layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmas
                 _cell_forward(gates[t, b], gh[b], c_last[b], theta, zm, zmode, zp, gh_n[t, b],
                               c_hat[t, b], y[t, b], y_last[b], e[t, b])
                 n_act[b] = _fired_units(e[t, b], act[b])
+                total += n_act[b]
 
 
 @_jit()
