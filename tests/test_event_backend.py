@@ -274,6 +274,20 @@ def test_weights_changed_through_data_are_seen():
     torch.testing.assert_close(got.y, ref.y, **TOL[torch.float64])
 
 
+def test_module_weights_are_read_transposed_without_a_copy():
+    """EGRU stores its weights column by column, so the kernels read ``w.t()`` in place (no
+    transposed copy to keep or to check), in every dtype and after a ``state_dict`` load; a
+    row-major weight (the functional tests' random tensors) goes through the cache instead."""
+    layer = egru.EGRU(3, 4, num_layers=2, bidirectional=True)
+    layer.load_state_dict(egru.EGRU(3, 4, num_layers=2, bidirectional=True).state_dict())
+    layer.double()
+    for name, w in layer.named_parameters():
+        if name.startswith("weight"):
+            assert event._transposed.get(w).data_ptr() == w.data_ptr(), name
+    row_major = torch.randn(12, 4, dtype=torch.float64)
+    assert event._transposed.get(row_major).data_ptr() != row_major.data_ptr()
+
+
 def test_padded_steps_emit_nothing_and_hold_state():
     tensors = random_layer(4, 2, 3, 5, torch.float64, seed=5)
     lengths = torch.tensor([4, 2])

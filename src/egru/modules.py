@@ -92,6 +92,14 @@ def keep_thresholds_in_range(optimizer: torch.optim.Optimizer, model: nn.Module)
     return optimizer.register_step_post_hook(project)
 
 
+def _column_major(rows: int, cols: int, factory: dict) -> nn.Parameter:
+    """A (rows, cols) weight stored column by column. The event kernels read the transposed
+    weights row by row (one row per unit that fired); with this layout ``w.t()`` is that
+    without a copy, so no transposed copy needs to be kept and checked against the weights.
+    Matrix products take either layout at the same speed; ``state_dict`` loads keep it."""
+    return nn.Parameter(torch.empty(cols, rows, **factory).t())
+
+
 class EGRU(_ThresholdMixin, nn.Module):
     r"""Event-based GRU over sequences, with the ``torch.nn.GRU`` contract (SPEC §1).
 
@@ -178,8 +186,8 @@ class EGRU(_ThresholdMixin, nn.Module):
             layer_input = input_size if layer == 0 else H * D
             for suffix in self._suffixes:
                 k = f"l{layer}{suffix}"
-                self.register_parameter(f"weight_ih_{k}", nn.Parameter(torch.empty(3 * H, layer_input, **factory)))
-                self.register_parameter(f"weight_hh_{k}", nn.Parameter(torch.empty(3 * H, H, **factory)))
+                self.register_parameter(f"weight_ih_{k}", _column_major(3 * H, layer_input, factory))
+                self.register_parameter(f"weight_hh_{k}", _column_major(3 * H, H, factory))
                 if bias:
                     self.register_parameter(f"bias_ih_{k}", nn.Parameter(torch.empty(3 * H, **factory)))
                     self.register_parameter(f"bias_hh_{k}", nn.Parameter(torch.empty(3 * H, **factory)))
@@ -200,8 +208,10 @@ class EGRU(_ThresholdMixin, nn.Module):
         for name, param in self.named_parameters():
             if name.startswith("threshold"):
                 init_thresholds_(param, self.threshold_mean, self.threshold_init)
-            else:
-                nn.init.uniform_(param, -bound, bound)
+            else:  # drawn in row-major order whatever the layout, as torch.nn.GRU draws them
+                with torch.no_grad():
+                    param.copy_(torch.empty(param.shape, dtype=param.dtype, device=param.device)
+                                .uniform_(-bound, bound))
 
     def _layer_params(self, layer: int, suffix: str):
         k = f"l{layer}{suffix}"

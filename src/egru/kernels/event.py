@@ -113,9 +113,11 @@ SPARSE_INPUT_DENSITY = 0.3
 
 
 class _TransposeCache:
-    """``w.t().contiguous()`` of parameters, kept while a parameter is unchanged.
+    """``w.t().contiguous()`` of weights, kept while a weight is unchanged.
 
-    A transpose of ``W_hh`` costs about as much as the whole recurrent product of a short,
+    ``EGRU`` stores its weights column by column, so that ``w.t()`` is already contiguous: it
+    is returned as it is, always current, nothing cached or checked. Weights in the row-major
+    layout (assigned by the user, a ``torch.nn.GRU``'s) are transposed and cached. A transpose of ``W_hh`` costs about as much as the whole recurrent product of a short,
     very sparse sequence; parameters change only at optimiser steps. Autograd's version counter
     (``_version``) sees in-place changes through the tensor and its views, but not writes
     through ``.data`` (as ``torch.autograd.gradcheck`` perturbs inputs) or through numpy views,
@@ -134,15 +136,18 @@ class _TransposeCache:
             return int(load_kernels().fingerprint(bits))
 
     def get(self, w: torch.Tensor) -> torch.Tensor:
+        w_t = w.detach().t()
+        if w_t.is_contiguous():  # stored column by column (EGRU's own weights): nothing to copy
+            return w_t
         if w.requires_grad and w.grad_fn is not None:  # a fresh product (DropConnect): no reuse
-            return w.detach().t().contiguous()
+            return w_t.contiguous()
         key = id(w)
         hit = self.entries.get(key)
         fingerprint = self._fingerprint(w)
         if (hit is not None and hit[0]() is w and hit[1] == w._version
                 and hit[2] == w.data_ptr() and hit[3] == fingerprint):
             return hit[4]
-        w_t = w.detach().t().contiguous()
+        w_t = w_t.contiguous()
         if len(self.entries) >= self.size:
             self.entries.pop(next(iter(self.entries)))
         self.entries[key] = (weakref.ref(w), w._version, w.data_ptr(), fingerprint, w_t)
@@ -307,8 +312,8 @@ def _weight_grad(K, x2, d_out2, sparse=None):
     G = d_out2.shape[1]
     if sparse is None:
         sparse = float((x2 != 0).sum()) < SPARSE_WEIGHT_GRAD_DENSITY * max(x2.numel(), 1)
-    if not sparse:
-        return d_out2.t().mm(x2), G * N * I
+    if not sparse:  # computed transposed: the gradient gets the weights' column-major layout
+        return x2.t().mm(d_out2).t(), G * N * I
     d_w_t = torch.zeros(I, G, dtype=x2.dtype)
     macs = K.sparse_weight_grad(x2.contiguous().numpy(), d_out2.contiguous().numpy(), d_w_t.numpy())
     return d_w_t.t(), int(macs)
