@@ -128,6 +128,22 @@ def test_presets_give_each_model_its_own_settings_and_flags_win():
     assert flagged.dropconnect == 0.2 and flagged.lr == egru_cfg.lr
 
 
+def test_the_last_layer_can_get_its_own_threshold():
+    parser = cli.build_parser()
+    args = ["train", "lm", "--run-dir", "unused", "--model", "egru", "--num-layers", "3",
+            "--threshold-mean", "0.6", "--last-threshold-mean", "0.1"]
+    cfg = cli.lm_config(parser.parse_args(args))
+    assert cfg.last_threshold_mean == 0.1
+    torch.manual_seed(0)
+    model = lm.LanguageModel(cfg, vocab_size=50)
+    means = [float(layer.threshold_l0.mean()) for layer in model.layers]
+    assert means[0] == pytest.approx(0.6, abs=0.05) and means[1] == pytest.approx(0.6, abs=0.05)
+    assert means[2] == pytest.approx(0.1, abs=0.05)
+    unset = cli.lm_config(parser.parse_args(args[:-2]))
+    assert unset.last_threshold_mean is None
+    assert float(lm.LanguageModel(unset, vocab_size=50).layers[2].threshold_l0.mean()) > 0.5
+
+
 def test_missing_data_directory(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data, "load_corpus", REAL_LOAD_CORPUS)
     code = cli.main(["train", "lm", "--run-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "none"),

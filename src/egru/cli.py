@@ -37,7 +37,7 @@ def _config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            kind = type(f.default) if f.default is not None else int
+            kind = f.metadata.get("type") or (type(f.default) if f.default is not None else int)
             parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
 
 

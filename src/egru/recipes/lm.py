@@ -59,6 +59,8 @@ class LMConfig:
     dampening_factor: float = 0.7
     pseudo_derivative_support: float = 1.0
     threshold_mean: float = 0.1
+    # The last layer's events are all the tied decoder sees: it may get a threshold of its own.
+    last_threshold_mean: Optional[float] = dataclasses.field(default=None, metadata={"type": float})
     reset_state_per_chunk: bool = False  # True mimics the reference code, which restarts c
     eval_every: int = 0  # validation every this many steps (0: at the end of each epoch)
     log_every: int = 20
@@ -150,12 +152,13 @@ class WeightDropped(nn.Module):
         return torch.func.functional_call(self.rnn, dropped, (x, state))
 
 
-def recurrent_layer(cfg: LMConfig, input_size: int, hidden_size: int) -> nn.Module:
+def recurrent_layer(cfg: LMConfig, input_size: int, hidden_size: int, last: bool) -> nn.Module:
     if cfg.model == "egru":
+        threshold_mean = cfg.last_threshold_mean if last and cfg.last_threshold_mean is not None else cfg.threshold_mean
         return egru.EGRU(input_size, hidden_size, dropconnect=cfg.dropconnect, zoneout=cfg.zoneout,
                          dampening_factor=cfg.dampening_factor,
                          pseudo_derivative_support=cfg.pseudo_derivative_support,
-                         threshold_mean=cfg.threshold_mean, backend=cfg.backend)
+                         threshold_mean=threshold_mean, backend=cfg.backend)
     rnn = (nn.GRU if cfg.model == "gru" else nn.LSTM)(input_size, hidden_size)
     return WeightDropped(rnn, cfg.dropconnect)
 
@@ -170,7 +173,8 @@ class LanguageModel(nn.Module):
         self.sizes = [H] * (L - 1) + [E]
         self.embedding = nn.Embedding(vocab_size, E)
         self.layers = nn.ModuleList(
-            recurrent_layer(cfg, E if i == 0 else self.sizes[i - 1], self.sizes[i]) for i in range(L))
+            recurrent_layer(cfg, E if i == 0 else self.sizes[i - 1], self.sizes[i], last=i == L - 1)
+            for i in range(L))
         self.decoder = nn.Linear(E, vocab_size)
         self.decoder.weight = self.embedding.weight
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
