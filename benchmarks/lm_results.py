@@ -3,7 +3,7 @@
     python benchmarks/lm_results.py runs/ptb-egru runs/ptb-gru runs/ptb-lstm
 
 Each row: validation and test perplexity of the best checkpoint, activity and backward sparsity
-per layer (test), effective MACs per token of the recurrent layers relative to a dense GRU of
+per layer (test; in brackets, of all the EGRU's unit-steps), effective MACs per token of the recurrent layers relative to a dense GRU of
 the same shapes, and training throughput.
 """
 
@@ -20,6 +20,11 @@ def row(run_dir: Path) -> str:
         result["config"] = torch.load(run_dir / "best.pt", weights_only=False)["config"]
     layers = result["test"]["layers"]
     sparsity = " / ".join(f"{1 - l['activity']:.1%}" for l in layers.values())
+    cfg = result["config"]
+    if cfg["model"] == "egru":  # the model as a whole: its unit-steps, every layer's units counted
+        sizes = [cfg["hidden_size"]] * (cfg["num_layers"] - 1) + [cfg["embedding_size"]]
+        active = sum(size * l["activity"] for size, l in zip(sizes, layers.values()))
+        sparsity += f" ({1 - active / sum(sizes):.1%})"
     backward = " / ".join(f"{1 - l['backward_activity']:.1%}" for l in layers.values())
     effective = sum(l["effective_macs_per_token"] for l in layers.values())
     # relative to a dense GRU of the same shapes, 3H(I + H) per layer; an LSTM's own dense
@@ -31,7 +36,7 @@ def row(run_dir: Path) -> str:
 
 
 if __name__ == "__main__":
-    print("| run | valid ppl | test ppl | activity sparsity (per layer) | backward sparsity | "
+    print("| run | valid ppl | test ppl | activity sparsity (per layer; all units) | backward sparsity | "
           "MACs/token vs dense GRU | train tokens/s |")
     print("|---|---|---|---|---|---|---|")
     for path in sys.argv[1:]:
