@@ -3,8 +3,8 @@
     python benchmarks/lm_results.py runs/ptb-egru runs/ptb-gru runs/ptb-lstm
 
 Each row: validation and test perplexity of the best checkpoint, activity and backward sparsity
-per layer (test; in brackets, of all the EGRU's unit-steps), effective MACs per token of the recurrent layers relative to a dense GRU of
-the same shapes, and training throughput.
+per layer (test; in brackets, of all the EGRU's unit-steps), effective MACs per token of the
+recurrent layers relative to a dense GRU of the same shapes, and training throughput.
 """
 
 import json

@@ -156,7 +156,9 @@ class WeightDropped(nn.Module):
 
 def recurrent_layer(cfg: LMConfig, input_size: int, hidden_size: int, last: bool) -> nn.Module:
     if cfg.model == "egru":
-        threshold_mean = cfg.last_threshold_mean if last and cfg.last_threshold_mean is not None else cfg.threshold_mean
+        threshold_mean = cfg.threshold_mean
+        if last and cfg.last_threshold_mean is not None:
+            threshold_mean = cfg.last_threshold_mean
         return egru.EGRU(input_size, hidden_size, dropconnect=cfg.dropconnect, zoneout=cfg.zoneout,
                          dampening_factor=cfg.dampening_factor,
                          pseudo_derivative_support=cfg.pseudo_derivative_support,
