@@ -49,18 +49,23 @@ CONFIGS = {
 
 # modes of the event layer's kernels, forced through its thresholds (see event.py):
 # name -> module attributes of egru.kernels.event to set
+PER_SAMPLE = dict(GROUPED_BACKWARD_MIN_BATCH=10**9)  # the backward modes below the grouped one
 KERNEL_MODES = {
-    # fused backward kernel, W_hᵀδ only for units in G; event-driven weight gradients
-    "sparse": dict(DENSE_BACKWARD_DENSITY=2.0, SPARSE_WEIGHT_GRAD_DENSITY=2.0),
-    # fused backward kernel, dense weight gradients
-    "sparse-dense-dw": dict(DENSE_BACKWARD_DENSITY=2.0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
+    # fused backward kernel per sample, W_hᵀδ only for units in G; event-driven weight gradients
+    "sparse": dict(PER_SAMPLE, DENSE_BACKWARD_DENSITY=2.0, SPARSE_WEIGHT_GRAD_DENSITY=2.0),
+    # fused backward kernel per sample, dense weight gradients
+    "sparse-dense-dw": dict(PER_SAMPLE, DENSE_BACKWARD_DENSITY=2.0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
     # a matmul per step for W_hᵀδ, dense recurrent weight gradient
-    "dense": dict(DENSE_BACKWARD_DENSITY=0.0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
+    "dense": dict(PER_SAMPLE, DENSE_BACKWARD_DENSITY=0.0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
     # a matmul per step for W_hᵀδ, event-driven recurrent weight gradient
-    "dense-event-dw": dict(DENSE_BACKWARD_DENSITY=0.0, SPARSE_WEIGHT_GRAD_DENSITY=2.0),
+    "dense-event-dw": dict(PER_SAMPLE, DENSE_BACKWARD_DENSITY=0.0, SPARSE_WEIGHT_GRAD_DENSITY=2.0),
+    # W_hᵀδ four units at a time for all samples that need one of them; event-driven and
+    # dense weight gradients
+    "grouped": dict(GROUPED_BACKWARD_MIN_BATCH=0, SPARSE_WEIGHT_GRAD_DENSITY=2.0),
+    "grouped-dense-dw": dict(GROUPED_BACKWARD_MIN_BATCH=0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
     # backend "auto" choosing the dense forward product (and the dense backward) always
-    "auto-dense": dict(AUTO_ACTIVITY_LIMIT=-1.0, AUTO_DENSE_MIN_BATCH=0, PARALLEL_MIN_BATCH=0,
-                       DENSE_BACKWARD_DENSITY=0.0),
+    "auto-dense": dict(PER_SAMPLE, AUTO_ACTIVITY_LIMIT=-1.0, AUTO_DENSE_MIN_BATCH=0,
+                       PARALLEL_MIN_BATCH=0, DENSE_BACKWARD_DENSITY=0.0),
 }
 
 
@@ -124,6 +129,7 @@ def run_module(backend, module_kwargs, options, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("backend,mode", [("event", "sparse"), ("event", "sparse-dense-dw"),
                                           ("event", "dense"), ("event", "dense-event-dw"),
+                                          ("event", "grouped"), ("event", "grouped-dense-dw"),
                                           ("auto", "sparse"), ("auto", "auto-dense")])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_module_parity(name, backend, mode, dtype):
@@ -167,7 +173,7 @@ def layer_with_grads(fn, tensors, surrogate, **kwargs):
 @settings(max_examples=40, deadline=None, derandomize=True)  # the same examples on every run
 @given(T=st.integers(1, 5), B=st.integers(1, 5), I=st.integers(1, 4), H=st.integers(1, 6),
        reverse=st.booleans(), packed=st.booleans(), zoneout=st.sampled_from(["none", "mask", "eval"]),
-       mode=st.sampled_from(["sparse", "dense", "dense-event-dw"]),
+       mode=st.sampled_from(["sparse", "dense", "dense-event-dw", "grouped"]),
        forward=st.sampled_from(["event", "event-split", "dense"]), seed=st.integers(0, 2**16),
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_layer_parity_random(T, B, I, H, reverse, packed, zoneout, mode, forward, seed, dtype):
@@ -238,16 +244,40 @@ def test_backward_skips_units_outside_the_support():
     assert event.counters.backward_weight == 3 * H * int((out.e[:-1] != 0).sum())
 
 
+def test_grouped_backward_reads_each_block_of_units_for_the_samples_that_need_it():
+    """With many samples, W_hᵀδ is computed four units at a time for every sample that has one
+    of the four in G_{t-1} (all samples at the first step, for dy_0); the MACs done say so."""
+    T, B, I, H = 6, 9, 3, 10  # H = 10: two blocks of four and one of two units
+    tensors = random_layer(T, B, I, H, torch.float64, seed=5, y0_density=0.0)
+    surrogate = Triangle(0.7, 4.0)  # a narrow support: few units inside it
+    assert B >= event.GROUPED_BACKWARD_MIN_BATCH
+    event.counters.reset()
+    out, grads = layer_with_grads(event.egru_layer_event, tensors, surrogate)
+    ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, surrogate)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    with torch.no_grad():
+        in_g = (out.e != 0) | ((out.c_hat - tensors[7]).abs() < surrogate.support)  # (T, B, H)
+    expected = 3 * H * H * B  # the first step
+    for lo in range(0, H, 4):
+        block = in_g[:-1, :, lo:lo + 4]
+        expected += 3 * H * block.shape[-1] * int(block.any(-1).sum())
+    assert 0 < event.counters.backward_recurrent - 3 * H * H * B < 3 * H * H * B * (T - 1)
+    assert event.counters.backward_recurrent == expected
+
+
 def test_wide_support_takes_the_dense_backward_and_auto_the_dense_forward():
-    """With the default support (1/k = 1) nearly all units are in G: W_hᵀδ is one matmul per step.
-    "auto" with many samples at high activity computes the forward product densely too."""
+    """With the default support (1/k = 1) nearly all units are in G: below the grouped kernel's
+    batch size, W_hᵀδ is one matmul per step. "auto" with many samples at high activity
+    computes the forward product densely too."""
     T, B, I, H = 5, 16, 3, 6
     tensors = random_layer(T, B, I, H, torch.float64, seed=8)
     with torch.no_grad():
         tensors[7].fill_(-1.0)  # every unit fires at every step
     event.counters.reset()
     ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, Triangle())
-    got, got_grads = layer_with_grads(event.egru_layer_event, tensors, Triangle())
+    with kernel_mode("dense"):
+        got, got_grads = layer_with_grads(event.egru_layer_event, tensors, Triangle())
     assert event.counters.backward_recurrent == 3 * H * H * T * B  # dense
     fired = int((got.y[:-1] != 0).sum()) + int((tensors[1] != 0).sum())  # A_{t-1}, y_0 included
     assert event.counters.recurrent == 3 * H * fired

@@ -136,12 +136,12 @@ def test_the_last_layer_can_get_its_own_threshold():
     cfg = cli.lm_config(parser.parse_args(args))
     assert cfg.last_threshold_mean == 0.1
     torch.manual_seed(0)
-    means = [float(layer.threshold_l0.mean()) for layer in lm.LanguageModel(cfg, vocab_size=50).layers]
+    means = [layer.threshold_l0.mean().item() for layer in lm.LanguageModel(cfg, vocab_size=50).layers]
     assert means[0] == pytest.approx(0.6, abs=0.05) and means[1] == pytest.approx(0.6, abs=0.05)
     assert means[2] == pytest.approx(0.1, abs=0.05)
     # None: the last layer takes the others' threshold mean
     same = dataclasses.replace(cfg, last_threshold_mean=None)
-    assert float(lm.LanguageModel(same, vocab_size=50).layers[2].threshold_l0.mean()) > 0.5
+    assert lm.LanguageModel(same, vocab_size=50).layers[2].threshold_l0.mean().item() > 0.5
 
 
 def test_missing_data_directory(tmp_path, capsys, monkeypatch):

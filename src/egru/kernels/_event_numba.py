@@ -46,7 +46,7 @@ _REDUCE = {"contract", "reassoc"}
 @_jit(fastmath=_REDUCE)
 def _dot(a, b):
     """``Σ_i a[i]·b[i]`` of two 1-D arrays of the same length."""
-    acc = a[0] * 0
+    acc = a.dtype.type(0)  # (not a[0] * 0: an integer factor would make it float64)
     for i in range(a.shape[0]):
         acc += a[i] * b[i]
     return acc
@@ -68,9 +68,9 @@ def _axpy4(out, v0, r0, v1, r1, v2, r2, v3, r3):
 
 
 @_jit(fastmath=_CONTRACT)
-def _add_rows(out, w_t, idx, n, values, lo):
-    """``out += Σ_{q<n} values[j]·w_t[j, lo:lo+len(out)]`` with ``j = idx[q]``: the
-    event-driven product, one row of ``w_t`` per event.
+def _add_rows(out, w_t, idx, coef, n, lo):
+    """``out += Σ_{q<n} coef[q]·w_t[idx[q], lo:lo+len(out)]``: the event-driven product, one
+    row of ``w_t`` per event (or nonzero), listed with its value.
 
     Four rows are added per pass over ``out``: one load and store of ``out`` per four rows
     instead of per row made the product 2.5× faster (B = 1, H = 1024, 112 events per step:
@@ -79,12 +79,11 @@ def _add_rows(out, w_t, idx, n, values, lo):
     hi = lo + out.shape[0]
     q = 0
     while q + 4 <= n:
-        j0, j1, j2, j3 = idx[q], idx[q + 1], idx[q + 2], idx[q + 3]
-        _axpy4(out, values[j0], w_t[j0, lo:hi], values[j1], w_t[j1, lo:hi],
-               values[j2], w_t[j2, lo:hi], values[j3], w_t[j3, lo:hi])
+        _axpy4(out, coef[q], w_t[idx[q], lo:hi], coef[q + 1], w_t[idx[q + 1], lo:hi],
+               coef[q + 2], w_t[idx[q + 2], lo:hi], coef[q + 3], w_t[idx[q + 3], lo:hi])
         q += 4
     while q < n:
-        _axpy(out, values[idx[q]], w_t[idx[q], lo:hi])
+        _axpy(out, coef[q], w_t[idx[q], lo:hi])
         q += 1
 
 
@@ -228,30 +227,31 @@ def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
     H = G // 3
     c_last[:] = c0
     y_last[:] = y0
-    # fired units of the previous step, per sample: act[b, :n] (values in y_last[b])
+    # fired units of the previous step, per sample: act[b, :n], their outputs in coef[b, :n]
     act = np.empty((B, H), np.int64)
+    coef = np.empty((B, H), y.dtype)
     gh = np.empty((B, G), y.dtype)
     for b in prange(B):
-        n = _fired_units(y0[b], act[b])
+        n = _fired_units(y0[b], y0[b], act[b], coef[b])
         for t in range(lengths[b]):
             # gh = b_hh + Σ_{j fired} y_j · W_hh[:, j]
             gh[b, :] = b_hh
-            _add_rows(gh[b], w_hh_t, act[b], n, y_last[b], 0)
+            _add_rows(gh[b], w_hh_t, act[b], coef[b], n, 0)
             macs[b] += G * n
             zm = zmask[t, b] if zmode == ZONEOUT_MASK else zmask[0, 0]
             _cell_forward(gates[t, b], gh[b], c_last[b], theta, zm, zmode, zp, gh_n[t, b],
                           c_hat[t, b], y[t, b], y_last[b], e[t, b])
-            n = _fired_units(e[t, b], act[b])
+            n = _fired_units(e[t, b], y[t, b], act[b], coef[b])
 
 
 @_jit(fastmath=_CONTRACT)
-def _product_slice(gh, w_hh_t, b_hh, act, n_act, y_last, lengths, t, lo, hi):
+def _product_slice(gh, w_hh_t, b_hh, act, coef, n_act, lengths, t, lo, hi):
     """Gate rows lo:hi of ``gh = b_hh + Σ_{j fired} y_j · W_hh[:, j]`` for the samples still
     running at step t."""
     for b in range(gh.shape[0]):
         if lengths[b] > t:
             gh[b, lo:hi] = b_hh[lo:hi]
-            _add_rows(gh[b, lo:hi], w_hh_t, act[b], n_act[b], y_last[b], lo)
+            _add_rows(gh[b, lo:hi], w_hh_t, act[b], coef[b], n_act[b], lo)
 
 
 @_jit(parallel=True, fastmath=_CONTRACT)
@@ -272,22 +272,23 @@ def layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmas
     c_last[:] = c0
     y_last[:] = y0
     act = np.empty((B, H), np.int64)
+    coef = np.empty((B, H), y.dtype)
     n_act = np.empty(B, np.int64)
     # events of the previous step over all samples, counted in scalar code: an array
     # expression such as n_act.sum() would become a parallel region of its own at every step
     # (waking the threads even where one adds the rows)
     total = 0
     for b in range(B):
-        n_act[b] = _fired_units(y0[b], act[b])
+        n_act[b] = _fired_units(y0[b], y0[b], act[b], coef[b])
         total += n_act[b]
     gh = np.empty((B, G), y.dtype)
     for t in range(T):
         if total >= min_events:
             for q in prange(n_chunks):
-                _product_slice(gh, w_hh_t, b_hh, act, n_act, y_last, lengths, t, q * width,
+                _product_slice(gh, w_hh_t, b_hh, act, coef, n_act, lengths, t, q * width,
                                min(G, q * width + width))
         else:
-            _product_slice(gh, w_hh_t, b_hh, act, n_act, y_last, lengths, t, 0, G)
+            _product_slice(gh, w_hh_t, b_hh, act, coef, n_act, lengths, t, 0, G)
         total = 0
         for b in range(B):
             if lengths[b] > t:
@@ -295,17 +296,19 @@ def layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmas
                 zm = zmask[t, b] if zmode == ZONEOUT_MASK else zmask[0, 0]
                 _cell_forward(gates[t, b], gh[b], c_last[b], theta, zm, zmode, zp, gh_n[t, b],
                               c_hat[t, b], y[t, b], y_last[b], e[t, b])
-                n_act[b] = _fired_units(e[t, b], act[b])
+                n_act[b] = _fired_units(e[t, b], y[t, b], act[b], coef[b])
                 total += n_act[b]
 
 
 @_jit()
-def _fired_units(e, act):
-    """The units with an event, e (H,) != 0, into act[:n]; returns n."""
+def _fired_units(e, y, act, coef):
+    """The units with an event, e (H,) != 0, into act[:n] and their outputs y (H,) into
+    coef[:n]; returns n."""
     n = 0
     for i in range(e.shape[0]):
         if e[i] != 0:
             act[n] = i
+            coef[n] = y[i]
             n += 1
     return n
 
@@ -407,10 +410,17 @@ def _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma,
         dc[b, i] = gcp
 
 
+@_jit(fastmath=_CONTRACT, inline="always")
+def _in_g(c_hat, theta, gamma, k, one):
+    """Whether a unit with candidate state c_hat is in G (fired, or its pseudo-derivative is
+    nonzero): only then does the gradient of its output matter."""
+    return c_hat > theta or _pseudo_derivative(c_hat - theta, gamma, k, one) > 0
+
+
 @_jit(fastmath=_REDUCE)
 def _dot4(r0, r1, r2, r3, v):
     """``(r0·v, r1·v, r2·v, r3·v)``: four dot products per pass over v."""
-    a0 = a1 = a2 = a3 = v[0] * 0
+    a0 = a1 = a2 = a3 = v.dtype.type(0)
     for i in range(v.shape[0]):
         a0 += r0[i] * v[i]
         a1 += r1[i] * v[i]
@@ -465,8 +475,7 @@ def layer_backward(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask,
                     need[b, n] = j
                     n += 1
                 else:
-                    cp = c_hat[t - 1, b, j]
-                    if cp > theta[j] or _pseudo_derivative(cp - theta[j], gamma_, k_, one) > 0:
+                    if _in_g(c_hat[t - 1, b, j], theta[j], gamma_, k_, one):
                         need[b, n] = j
                         n += 1
             # dy_{t-1}[j] = W_hh[:, j] · δ_t for j in G_{t-1}
@@ -482,6 +491,117 @@ def layer_backward(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask,
             macs[b] += G * n
         d_y0[b] = dy[b]
         d_c0[b] = dc[b]
+
+
+@_jit(fastmath=_REDUCE, inline="always")
+def _dot4x4(w0, w1, w2, w3, d0, d1, d2, d3):
+    """The 16 dot products ``w_p·d_q`` in one pass over the rows: each element loaded is
+    used four times (a register block of a matrix product)."""
+    z = w0.dtype.type(0)
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = z
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = z
+    for i in range(w0.shape[0]):
+        x0, x1, x2, x3 = w0[i], w1[i], w2[i], w3[i]
+        e = d0[i]
+        a00 += x0 * e
+        a10 += x1 * e
+        a20 += x2 * e
+        a30 += x3 * e
+        e = d1[i]
+        a01 += x0 * e
+        a11 += x1 * e
+        a21 += x2 * e
+        a31 += x3 * e
+        e = d2[i]
+        a02 += x0 * e
+        a12 += x1 * e
+        a22 += x2 * e
+        a32 += x3 * e
+        e = d3[i]
+        a03 += x0 * e
+        a13 += x1 * e
+        a23 += x2 * e
+        a33 += x3 * e
+    return (a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
+
+
+@_jit(fastmath=_REDUCE)  # (the flags of the inlined _dot4x4 are this function's)
+def _unit_block_gradient(j, w_hh_t, dgh, members, n, dy):
+    """``dy[b, j + p] = w_hh_t[j + p]·dgh[b]`` for the four units j..j+3 and the samples b in
+    members[:n]: four samples at a time with :func:`_dot4x4`, the rest one at a time."""
+    w0, w1, w2, w3 = w_hh_t[j], w_hh_t[j + 1], w_hh_t[j + 2], w_hh_t[j + 3]
+    q = 0
+    while q + 4 <= n:
+        b0, b1, b2, b3 = members[q], members[q + 1], members[q + 2], members[q + 3]
+        (dy[b0, j], dy[b1, j], dy[b2, j], dy[b3, j],
+         dy[b0, j + 1], dy[b1, j + 1], dy[b2, j + 1], dy[b3, j + 1],
+         dy[b0, j + 2], dy[b1, j + 2], dy[b2, j + 2], dy[b3, j + 2],
+         dy[b0, j + 3], dy[b1, j + 3], dy[b2, j + 3], dy[b3, j + 3]) = _dot4x4(
+            w0, w1, w2, w3, dgh[b0], dgh[b1], dgh[b2], dgh[b3])
+        q += 4
+    while q < n:
+        b = members[q]
+        dy[b, j], dy[b, j + 1], dy[b, j + 2], dy[b, j + 3] = _dot4(w0, w1, w2, w3, dgh[b])
+        q += 1
+
+
+@_jit(parallel=True, fastmath=_CONTRACT)
+def layer_backward_grouped(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask, zp,
+                           gamma, k, g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, g_y_last,
+                           g_c_last, d_gi, d_theta, d_y0, d_c0, macs):
+    """:func:`layer_backward` for many samples: the cross-unit product of a step reads each
+    row of ``w_hh_t`` once for all the samples that need it.
+
+    Arguments and outputs as in :func:`layer_backward`, except macs (H,) int64: the MACs of
+    ``W_hᵀδ`` done per block of units, at the block's first unit (summed over samples and
+    steps).
+
+    Per step, the elementwise part runs in parallel over samples, then the product in
+    parallel over blocks of four units: the block's rows of ``w_hh_t`` are dotted with the
+    ``δ_t`` of every sample that has one of the four units in G_{t-1}, four samples at a time
+    (sixteen dot products per pass; the ``δ_t`` of all samples, B × 3H, stay in L2). A unit
+    outside G_{t-1} that is computed with its block gets a value that is multiplied by zero
+    at step t−1 (no event, zero pseudo-derivative), as in the dense mode. Per sample
+    (:func:`layer_backward`) each sample read the rows for itself: B times the traffic.
+    """
+    T, B, G = gates.shape
+    H = G // 3
+    dy = g_y_last.copy()
+    dc = g_c_last.copy()
+    dgh = np.zeros((B, G), gates.dtype)
+    n_blocks = (H + 3) // 4  # the last one has H mod 4 units when that is not 0
+    members = np.empty((n_blocks, B), np.int64)  # per block, the samples that need it
+    one = c_hat.dtype.type(1.0)
+    gamma_, k_ = c_hat.dtype.type(gamma), c_hat.dtype.type(k)
+    for t in range(T - 1, -1, -1):
+        for b in prange(B):
+            if lengths[b] > t:
+                _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma, k,
+                               g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, dy, dc, d_gi, dgh,
+                               d_theta)
+        for blk in prange(n_blocks):
+            lo = 4 * blk
+            hi = min(H, lo + 4)
+            # samples at step t with a unit of the block in G_{t-1} (every sample for y_0);
+            # samples past their end keep their gradient
+            n = 0
+            for b in range(B):
+                if lengths[b] > t:
+                    need = t == 0
+                    for j in range(lo, hi):
+                        need = need or _in_g(c_hat[t - 1, b, j], theta[j], gamma_, k_, one)
+                    if need:
+                        members[blk, n] = b
+                        n += 1
+            if hi - lo == 4:
+                _unit_block_gradient(lo, w_hh_t, dgh, members[blk], n, dy)
+            else:
+                for j in range(lo, hi):
+                    for q in range(n):
+                        dy[members[blk, q], j] = _dot(w_hh_t[j], dgh[members[blk, q]])
+            macs[lo] += G * n * (hi - lo)
+    d_y0[:] = dy
+    d_c0[:] = dc
 
 
 @_jit(parallel=True, fastmath=_CONTRACT)
@@ -519,57 +639,94 @@ def fingerprint(bits):
     return acc
 
 
+@_jit(parallel=True)
+def _nonzeros_by_row(x, rows):
+    """The nonzeros of the rows of x (N, I) where rows (N,) is true, row by row (compressed
+    sparse rows): ``(start, idx, vals)``, row n's column indices in
+    ``idx[start[n]:start[n + 1]]`` (ascending) and their values in vals; other rows are empty."""
+    N, I = x.shape
+    start = np.zeros(N + 1, np.int64)
+    for n in prange(N):
+        count = 0
+        if rows[n]:
+            for j in range(I):
+                if x[n, j] != 0:
+                    count += 1
+        start[n + 1] = count
+    for n in range(N):
+        start[n + 1] += start[n]
+    idx = np.empty(start[N], np.int64)
+    vals = np.empty(start[N], x.dtype)
+    for n in prange(N):
+        q = start[n]
+        if rows[n]:
+            for j in range(I):
+                if x[n, j] != 0:
+                    idx[q] = j
+                    vals[q] = x[n, j]
+                    q += 1
+    return start, idx, vals
+
+
+@_jit()
+def _transpose_sparse(start, idx, vals, n_cols):
+    """Compressed sparse rows of a matrix into those of its transpose (a counting sort):
+    ``(start, idx, vals)`` by column, row indices ascending."""
+    N = start.shape[0] - 1
+    t_start = np.zeros(n_cols + 1, np.int64)
+    for q in range(start[N]):
+        t_start[idx[q] + 1] += 1
+    for j in range(n_cols):
+        t_start[j + 1] += t_start[j]
+    t_idx = np.empty(start[N], np.int64)
+    t_vals = np.empty(start[N], vals.dtype)
+    fill = t_start[:n_cols].copy()
+    for n in range(N):
+        for q in range(start[n], start[n + 1]):
+            j = idx[q]
+            t_idx[fill[j]] = n
+            t_vals[fill[j]] = vals[q]
+            fill[j] += 1
+    return t_start, t_idx, t_vals
+
+
 @_jit(parallel=True, fastmath=_CONTRACT)
+def _sparse_dense_product(start, idx, vals, dense, bias, out):
+    """``out = bias + S·dense`` for a sparse S in compressed rows ``(start, idx, vals)``:
+    each row of out adds the rows of dense of its nonzeros, rows in parallel."""
+    for m in prange(out.shape[0]):
+        out[m, :] = bias
+        first = start[m]
+        _add_rows(out[m], dense, idx[first:], vals[first:], start[m + 1] - first, 0)
+
+
+@_jit()
 def sparse_input_product(x, w_ih_t, b_ih, rows, out, macs):
     """Event-driven input product for a sparse input (a stacked layer's input is a ``y``).
 
     x (N, I) with N = T·B; w_ih_t (I, G) = W_ih transposed; b_ih (G,); rows (N,) bool:
-    rows to compute (the others, padded steps, keep ``b_ih``). Writes out (N, G) =
+    rows to compute (the others, padded steps, get ``b_ih``). Writes out (N, G) =
     ``b_ih + Σ_{j: x[n, j] ≠ 0} x[n, j]·W_ih[:, j]`` and macs (N,) int64, ``G·nnz(x[n])``.
     """
-    N, I = x.shape
-    G = out.shape[1]
-    for n in prange(N):
-        out[n, :] = b_ih
-        if not rows[n]:
-            continue
-        nonzero = np.empty(I, np.int64)
-        count = 0
-        for j in range(I):
-            if x[n, j] != 0:
-                nonzero[count] = j
-                count += 1
-        _add_rows(out[n], w_ih_t, nonzero, count, x[n], 0)
-        macs[n] = G * count
+    start, idx, vals = _nonzeros_by_row(x, rows)
+    _sparse_dense_product(start, idx, vals, w_ih_t, b_ih, out)
+    for n in range(out.shape[0]):
+        macs[n] = out.shape[1] * (start[n + 1] - start[n])
 
 
-@_jit(parallel=True, fastmath=_CONTRACT)
-def sparse_weight_grad(x, d_out, d_w_t):
+@_jit()
+def sparse_weight_grad(x, d_out, rows, d_w_t):
     """``d_w_t[j] = Σ_{n: x[n, j] ≠ 0} x[n, j]·d_out[n]``: the weight gradient of a product
-    with a sparse input, column by column.
+    with a sparse input, ``xᵀ·d_out`` over the nonzeros of x.
 
-    x (N, I), d_out (N, G); writes d_w_t (I, G) (zero on entry). Returns the MACs done.
+    x (N, I), d_out (N, G), rows (N,) bool: rows that count (padded steps do not); writes
+    d_w_t (I, G). Returns the MACs done.
     """
-    N, I = x.shape
-    G = d_out.shape[1]
-    # column-major copy of the nonzeros (a counting sort), so each thread owns a column
-    start = np.zeros(I + 1, np.int64)
-    for n in range(N):
-        for j in range(I):
-            if x[n, j] != 0:
-                start[j + 1] += 1
-    for j in range(I):
-        start[j + 1] += start[j]
-    rows = np.empty(start[I], np.int64)
-    fill = start[:I].copy()
-    for n in range(N):
-        for j in range(I):
-            if x[n, j] != 0:
-                rows[fill[j]] = n
-                fill[j] += 1
-    for j in prange(I):
-        _add_rows(d_w_t[j], d_out, rows[start[j]:], start[j + 1] - start[j], x[:, j], 0)
-    return G * start[I]
+    start, idx, vals = _nonzeros_by_row(x, rows)
+    by_column = _transpose_sparse(start, idx, vals, x.shape[1])
+    _sparse_dense_product(by_column[0], by_column[1], by_column[2], d_out,
+                          np.zeros(d_out.shape[1], d_out.dtype), d_w_t)
+    return d_out.shape[1] * start[x.shape[0]]
 
 
 # Serial twins of the time-loop kernels: the forward one for a single numba thread, the backward

@@ -244,8 +244,20 @@ class _EventLayer(torch.autograd.Function):
                  g_e is not None, g_c_hat is not None)
         d_gi = torch.zeros(T, B, G, dtype=x.dtype)
         d_theta = torch.zeros(B, H, dtype=x.dtype)
-        dense = _support_density(c_hat, theta_, gamma, k, len_np) >= DENSE_BACKWARD_DENSITY
-        if dense:
+        grouped = B >= GROUPED_BACKWARD_MIN_BATCH
+        dense = (not grouped and _support_density(c_hat, theta_, gamma, k, len_np)
+                 >= DENSE_BACKWARD_DENSITY)
+        if grouped:
+            d_y0 = torch.empty(B, H, dtype=x.dtype)
+            d_c0 = torch.empty_like(d_y0)
+            macs = torch.zeros(H, dtype=torch.int64)
+            K.layer_backward_grouped(
+                gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0_.numpy(), theta_.numpy(),
+                ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
+                *grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)),
+                d_gi.numpy(), d_theta.numpy(), d_y0.numpy(), d_c0.numpy(), macs.numpy())
+            counters.backward_recurrent += int(macs.sum())
+        elif dense:
             d_y0, d_c0 = _dense_recurrent_backward(
                 K, parallel, gates, gh_n, c_hat, c0_, theta_, w_hh, len_np, zmode, zm, zp,
                 gamma, k, grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)), d_gi, d_theta)
@@ -267,7 +279,8 @@ class _EventLayer(torch.autograd.Function):
         x2 = x.detach().reshape(T * B, I)
         # dx is skipped when x needs no gradient (a first layer's input is data)
         dx = d_gi2.mm(w_ih.detach()).view(T, B, I) if need[0] else None
-        d_w_ih = _weight_grad(K, x2, d_gi2)[0] if need[3] else None
+        valid = (torch.from_numpy(len_np) > torch.arange(T).unsqueeze(1)).view(-1)
+        d_w_ih = _weight_grad(K, x2, d_gi2, valid)[0] if need[3] else None
         d_b_ih = d_gi2.sum(0) if has_b_ih and need[5] else None
         # the gradient of W_hh y_{t-1} + b_hh equals d_gi but for the reset gate's factor on
         # the n rows: turn d_gi into it in place (it is not needed any more)
@@ -275,7 +288,7 @@ class _EventLayer(torch.autograd.Function):
         d_w_hh = d_b_hh = None
         if need[4]:
             y_prev = torch.cat([y0_.unsqueeze(0), y[:-1]]).view(T * B, H)
-            d_w_hh, macs = _weight_grad(K, y_prev, d_gi2)
+            d_w_hh, macs = _weight_grad(K, y_prev, d_gi2, valid)
             counters.backward_weight += macs
         if has_b_hh and need[6]:
             d_b_hh = d_gi2.sum(0)
@@ -288,6 +301,9 @@ class _EventLayer(torch.autograd.Function):
 # fraction of units lies in G (fired or inside the surrogate's support). With the default
 # support half-width 1/k = 1 that is nearly every unit at every activity.
 DENSE_BACKWARD_DENSITY = 0.35
+# From this batch size on, the backward pass reads each row of W_hh once per step for all
+# samples (layer_backward_grouped), whatever the fraction of units in G.
+GROUPED_BACKWARD_MIN_BATCH = 8
 # A weight gradient ``Σ_n d_out[n] ⊗ x[n]`` is computed event-driven below this density of x.
 SPARSE_WEIGHT_GRAD_DENSITY = 0.12
 
@@ -304,18 +320,20 @@ def _support_density(c_hat, theta, gamma, k, len_np) -> float:
     return float(in_g.sum()) / max(float(valid.sum()) * c_hat.shape[-1], 1.0)
 
 
-def _weight_grad(K, x2, d_out2, sparse=None):
-    """``Σ_n d_out[n] ⊗ x[n]`` (G, I) from x2 (N, I) and d_out2 (N, G), and the MACs done: one
-    dense matmul, or event-driven over the nonzeros of x when it is sparse (``sparse=None``:
-    decide by the density of x)."""
+def _weight_grad(K, x2, d_out2, valid, sparse=None):
+    """``Σ_n d_out[n] ⊗ x[n]`` (G, I) from x2 (N, I) and d_out2 (N, G) over the rows where
+    valid (N,) is true (d_out is zero at the others), and the MACs done: one dense matmul, or
+    event-driven over the nonzeros of x when it is sparse (``sparse=None``: decide by the
+    density of x)."""
     N, I = x2.shape
     G = d_out2.shape[1]
     if sparse is None:
         sparse = float((x2 != 0).sum()) < SPARSE_WEIGHT_GRAD_DENSITY * max(x2.numel(), 1)
     if not sparse:  # computed transposed: the gradient gets the weights' column-major layout
         return x2.t().mm(d_out2).t(), G * N * I
-    d_w_t = torch.zeros(I, G, dtype=x2.dtype)
-    macs = K.sparse_weight_grad(x2.contiguous().numpy(), d_out2.contiguous().numpy(), d_w_t.numpy())
+    d_w_t = torch.empty(I, G, dtype=x2.dtype)
+    macs = K.sparse_weight_grad(x2.contiguous().numpy(), d_out2.contiguous().numpy(),
+                                valid.numpy(), d_w_t.numpy())
     return d_w_t.t(), int(macs)
 
 
