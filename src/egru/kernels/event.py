@@ -242,7 +242,8 @@ class _EventLayer(torch.autograd.Function):
         grads = (arr(g_y, (T, B, H)), (dummy if g_e is None else g_e.contiguous()).numpy(),
                  (dummy if g_c_hat is None else g_c_hat.contiguous()).numpy(),
                  g_e is not None, g_c_hat is not None)
-        d_gi = torch.zeros(T, B, G, dtype=x.dtype)
+        # the kernels write every valid step; padded ones must read as zero
+        d_gi = (torch.empty if (len_np == T).all() else torch.zeros)(T, B, G, dtype=x.dtype)
         d_theta = torch.zeros(B, H, dtype=x.dtype)
         grouped = B >= GROUPED_BACKWARD_MIN_BATCH
         dense = (not grouped and _support_density(c_hat, theta_, gamma, k, len_np)
@@ -281,7 +282,8 @@ class _EventLayer(torch.autograd.Function):
         dx = d_gi2.mm(w_ih.detach()).view(T, B, I) if need[0] else None
         valid = (torch.from_numpy(len_np) > torch.arange(T).unsqueeze(1)).view(-1)
         d_w_ih = _weight_grad(K, x2, d_gi2, valid)[0] if need[3] else None
-        d_b_ih = d_gi2.sum(0) if has_b_ih and need[5] else None
+        need_b_ih, need_b_hh = has_b_ih and need[5], has_b_hh and need[6]
+        d_b_ih = d_gi2.sum(0) if need_b_ih or need_b_hh else None
         # the gradient of W_hh y_{t-1} + b_hh equals d_gi but for the reset gate's factor on
         # the n rows: turn d_gi into it in place (it is not needed any more)
         d_gi[..., 2 * H:] *= gates[..., :H]
@@ -290,10 +292,10 @@ class _EventLayer(torch.autograd.Function):
             y_prev = torch.cat([y0_.unsqueeze(0), y[:-1]]).view(T * B, H)
             d_w_hh, macs = _weight_grad(K, y_prev, d_gi2, valid)
             counters.backward_weight += macs
-        if has_b_hh and need[6]:
-            d_b_hh = d_gi2.sum(0)
+        if need_b_hh:  # the same as d_b_ih but for the n rows
+            d_b_hh = torch.cat([d_b_ih[:2 * H], d_gi2[:, 2 * H:].sum(0)])
         return (dx, d_y0 if need[1] else None, d_c0 if need[2] else None, d_w_ih, d_w_hh,
-                d_b_ih, d_b_hh, d_theta.sum(0) if need[7] else None,
+                d_b_ih if need_b_ih else None, d_b_hh, d_theta.sum(0) if need[7] else None,
                 None, None, None, None, None, None)
 
 
