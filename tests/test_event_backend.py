@@ -246,13 +246,15 @@ def test_backward_skips_units_outside_the_support():
 
 def test_grouped_backward_reads_each_block_of_units_for_the_samples_that_need_it():
     """With many samples, W_hᵀδ is computed four units at a time for every sample that has one
-    of the four in G_{t-1} (all samples at the first step, for dy_0); the MACs done say so."""
+    of the four in G_{t-1} (all samples at the first step, for dy_0), and the recurrent weight
+    gradient from the units that fired; the MACs done say so."""
     T, B, I, H = 6, 9, 3, 10  # H = 10: two blocks of four and one of two units
     tensors = random_layer(T, B, I, H, torch.float64, seed=5, y0_density=0.0)
     surrogate = Triangle(0.7, 4.0)  # a narrow support: few units inside it
     assert B >= event.GROUPED_BACKWARD_MIN_BATCH
     event.counters.reset()
-    out, grads = layer_with_grads(event.egru_layer_event, tensors, surrogate)
+    with kernel_mode("grouped"):  # the event-driven weight gradient at any activity
+        out, grads = layer_with_grads(event.egru_layer_event, tensors, surrogate)
     ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, surrogate)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
@@ -264,6 +266,7 @@ def test_grouped_backward_reads_each_block_of_units_for_the_samples_that_need_it
         expected += 3 * H * block.shape[-1] * int(block.any(-1).sum())
     assert 0 < event.counters.backward_recurrent - 3 * H * H * B < 3 * H * H * B * (T - 1)
     assert event.counters.backward_recurrent == expected
+    assert event.counters.backward_weight == 3 * H * int((out.e[:-1] != 0).sum())  # y_0 = 0
 
 
 def test_wide_support_takes_the_dense_backward_and_auto_the_dense_forward():
