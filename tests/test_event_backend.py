@@ -49,23 +49,13 @@ CONFIGS = {
 
 # modes of the event layer's kernels, forced through its thresholds (see event.py):
 # name -> module attributes of egru.kernels.event to set
-PER_SAMPLE = dict(GROUPED_BACKWARD_MIN_BATCH=10**9)  # the backward modes below the grouped one
 KERNEL_MODES = {
-    # fused backward kernel per sample, W_hᵀδ only for units in G; event-driven weight gradients
-    "sparse": dict(PER_SAMPLE, DENSE_BACKWARD_DENSITY=2.0, SPARSE_WEIGHT_GRAD_DENSITY=2.0),
-    # fused backward kernel per sample, dense weight gradients
-    "sparse-dense-dw": dict(PER_SAMPLE, DENSE_BACKWARD_DENSITY=2.0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
-    # a matmul per step for W_hᵀδ, dense recurrent weight gradient
-    "dense": dict(PER_SAMPLE, DENSE_BACKWARD_DENSITY=0.0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
-    # a matmul per step for W_hᵀδ, event-driven recurrent weight gradient
-    "dense-event-dw": dict(PER_SAMPLE, DENSE_BACKWARD_DENSITY=0.0, SPARSE_WEIGHT_GRAD_DENSITY=2.0),
-    # W_hᵀδ four units at a time for all samples that need one of them; event-driven and
+    # event-driven weight gradients
+    "event-dw": dict(SPARSE_WEIGHT_GRAD_DENSITY=2.0),
     # dense weight gradients
-    "grouped": dict(GROUPED_BACKWARD_MIN_BATCH=0, SPARSE_WEIGHT_GRAD_DENSITY=2.0),
-    "grouped-dense-dw": dict(GROUPED_BACKWARD_MIN_BATCH=0, SPARSE_WEIGHT_GRAD_DENSITY=0.0),
-    # backend "auto" choosing the dense forward product (and the dense backward) always
-    "auto-dense": dict(PER_SAMPLE, AUTO_ACTIVITY_LIMIT=-1.0, AUTO_DENSE_MIN_BATCH=0,
-                       PARALLEL_MIN_BATCH=0, DENSE_BACKWARD_DENSITY=0.0),
+    "dense-dw": dict(SPARSE_WEIGHT_GRAD_DENSITY=0.0),
+    # backend "auto" choosing the dense forward product always
+    "auto-dense": dict(AUTO_ACTIVITY_LIMIT=-1.0, AUTO_DENSE_MIN_BATCH=0),
 }
 
 
@@ -127,10 +117,8 @@ def run_module(backend, module_kwargs, options, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("backend,mode", [("event", "sparse"), ("event", "sparse-dense-dw"),
-                                          ("event", "dense"), ("event", "dense-event-dw"),
-                                          ("event", "grouped"), ("event", "grouped-dense-dw"),
-                                          ("auto", "sparse"), ("auto", "auto-dense")])
+@pytest.mark.parametrize("backend,mode", [("event", "event-dw"), ("event", "dense-dw"),
+                                          ("auto", "event-dw"), ("auto", "auto-dense")])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_module_parity(name, backend, mode, dtype):
     module_kwargs, options = CONFIGS[name]
@@ -173,7 +161,7 @@ def layer_with_grads(fn, tensors, surrogate, **kwargs):
 @settings(max_examples=40, deadline=None, derandomize=True)  # the same examples on every run
 @given(T=st.integers(1, 5), B=st.integers(1, 5), I=st.integers(1, 4), H=st.integers(1, 6),
        reverse=st.booleans(), packed=st.booleans(), zoneout=st.sampled_from(["none", "mask", "eval"]),
-       mode=st.sampled_from(["sparse", "dense", "dense-event-dw", "grouped"]),
+       mode=st.sampled_from(["event-dw", "dense-dw"]),
        forward=st.sampled_from(["event", "event-split", "dense"]), seed=st.integers(0, 2**16),
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_layer_parity_random(T, B, I, H, reverse, packed, zoneout, mode, forward, seed, dtype):
@@ -229,31 +217,16 @@ def test_sparse_input_path_and_mac_counter():
     assert event.counters.recurrent < 3 * H * H * (stats[0].steps + stats[1].steps)
 
 
-def test_backward_skips_units_outside_the_support():
-    """Backward cross-unit products only for units that fired or lie in the surrogate's support."""
-    T, B, I, H = 6, 2, 3, 7
-    tensors = random_layer(T, B, I, H, torch.float64, seed=4, y0_density=0.0)
-    surrogate = Triangle(0.7, 4.0)  # a narrow support: few units inside it
-    event.counters.reset()
-    with kernel_mode("sparse"):
-        out, _ = layer_with_grads(event.egru_layer_event, tensors, surrogate)
-    with torch.no_grad():
-        in_g = (out.e != 0) | ((out.c_hat - tensors[7]).abs() < surrogate.support)
-    expected = 3 * H * (int(in_g[:-1].sum()) + B * H)  # all units at the first step (for dy_0)
-    assert event.counters.backward_recurrent == expected
-    assert event.counters.backward_weight == 3 * H * int((out.e[:-1] != 0).sum())
-
-
-def test_grouped_backward_reads_each_block_of_units_for_the_samples_that_need_it():
-    """With many samples, W_hᵀδ is computed four units at a time for every sample that has one
-    of the four in G_{t-1} (all samples at the first step, for dy_0), and the recurrent weight
-    gradient from the units that fired; the MACs done say so."""
+def test_backward_reads_each_block_of_units_for_the_samples_that_need_it():
+    """Backward cross-unit products only for units that fired or lie in the surrogate's support,
+    four units at a time for every sample that has one of the four in G_{t-1} (all samples at
+    the first step, for dy_0), and the recurrent weight gradient from the units that fired;
+    the MACs done say so."""
     T, B, I, H = 6, 9, 3, 10  # H = 10: two blocks of four and one of two units
     tensors = random_layer(T, B, I, H, torch.float64, seed=5, y0_density=0.0)
     surrogate = Triangle(0.7, 4.0)  # a narrow support: few units inside it
-    assert B >= event.GROUPED_BACKWARD_MIN_BATCH
     event.counters.reset()
-    with kernel_mode("grouped"):  # the event-driven weight gradient at any activity
+    with kernel_mode("event-dw"):  # the event-driven weight gradient at any activity
         out, grads = layer_with_grads(event.egru_layer_event, tensors, surrogate)
     ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, surrogate)
     for a, b in zip(grads, ref_grads):
@@ -269,19 +242,17 @@ def test_grouped_backward_reads_each_block_of_units_for_the_samples_that_need_it
     assert event.counters.backward_weight == 3 * H * int((out.e[:-1] != 0).sum())  # y_0 = 0
 
 
-def test_wide_support_takes_the_dense_backward_and_auto_the_dense_forward():
-    """With the default support (1/k = 1) nearly all units are in G: below the grouped kernel's
-    batch size, W_hᵀδ is one matmul per step. "auto" with many samples at high activity
-    computes the forward product densely too."""
+def test_wide_support_takes_every_unit_and_auto_the_dense_forward():
+    """With every unit firing, all are in G: W_hᵀδ does the dense product's MACs. "auto" with
+    many samples at high activity computes the forward product densely too."""
     T, B, I, H = 5, 16, 3, 6
     tensors = random_layer(T, B, I, H, torch.float64, seed=8)
     with torch.no_grad():
         tensors[7].fill_(-1.0)  # every unit fires at every step
     event.counters.reset()
     ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, Triangle())
-    with kernel_mode("dense"):
-        got, got_grads = layer_with_grads(event.egru_layer_event, tensors, Triangle())
-    assert event.counters.backward_recurrent == 3 * H * H * T * B  # dense
+    got, got_grads = layer_with_grads(event.egru_layer_event, tensors, Triangle())
+    assert event.counters.backward_recurrent == 3 * H * H * T * B  # every unit
     fired = int((got.y[:-1] != 0).sum()) + int((tensors[1] != 0).sum())  # A_{t-1}, y_0 included
     assert event.counters.recurrent == 3 * H * fired
     key = id(tensors[7])

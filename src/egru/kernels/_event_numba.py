@@ -8,10 +8,12 @@ Layout. ``G = 3H`` gate rows in ``torch.nn.GRU`` order (r, z, n). Recurrent weig
 transposed, ``w_hh_t`` of shape (H, G): row ``j`` is everything unit ``j`` sends, so the
 event-driven product reads one contiguous row per event.
 
-Parallelism (numba ``prange``): samples are independent, so the forward pass and the sparse
-backward pass both run whole sequences per sample, one parallel region per call; the weight
-gradients, which sum over samples, are left to one product after the time loop. With a single
-sample the forward pass splits each step's product over gate rows instead.
+Parallelism (numba ``prange``): samples are independent in the forward pass, so it runs whole
+sequences per sample, one parallel region per call; with a single sample it splits each step's
+product over gate rows instead. The backward pass runs each step in two parallel regions, the
+cell over samples and the cross-unit product over blocks of units, so that a row of the weights
+is read once per step for all samples. The weight gradients, which sum over samples and steps,
+are left to one product each after the time loop.
 """
 
 from __future__ import annotations
@@ -429,70 +431,6 @@ def _dot4(r0, r1, r2, r3, v):
     return a0, a1, a2, a3
 
 
-@_jit(parallel=True, fastmath=_CONTRACT)
-def layer_backward(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask, zp,
-                   gamma, k, g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, g_y_last, g_c_last,
-                   d_gi, d_theta, d_y0, d_c0, macs):
-    """Sparse backpropagation through time of :func:`layer_forward` (SPEC §2), without the
-    weight gradients (the caller computes them from d_gi after the loop).
-
-    Surrogate ``dH/dv = gamma·max(0, 1 − k|v|)``, ``v = ĉ − ϑ``.
-    Inputs: gates (T, B, G) = (r, z, n), gh_n, c_hat (T, B, H) from the forward pass;
-      c0 (B, H); theta (H,); w_hh_t (H, G); lengths, zmode, zmask, zp as in the forward;
-      g_y (T, B, H) gradient of y; g_e, g_c_hat (T, B, H) gradients of the events and
-      candidate states, read only if has_g_e / has_g_c_hat; g_y_last, g_c_last (B, H)
-      gradients of the final state.
-    Outputs, zero on entry:
-      d_gi (T, B, G): gradient of ``W_ih x_t + b_ih`` (and, but for the reset gate's factor on
-      the n rows, of ``W_hh y_{t-1} + b_hh``); d_theta (B, H): per sample; d_y0, d_c0 (B, H);
-      macs (B,) int64: MACs of the cross-unit product ``W_hᵀδ`` per sample.
-    Only units in G_{t-1} (fired, or inside the surrogate's support) need ``W_hᵀδ_t``: the
-    output gradient of any other unit is multiplied by zero at step t−1.
-
-    Once the weight gradients are left to the caller, the samples are independent in the
-    backward pass too, so each thread runs whole sequences of its samples backwards (one
-    parallel region per call, as in the forward pass). The earlier kernel grouped the units
-    of G over samples at every step (one row of ``w_hh_t`` read once per step for all
-    samples) and did no better than dense matmuls even at 20 % of their MACs.
-    """
-    T, B, G = gates.shape
-    H = G // 3
-    dy = g_y_last.copy()  # gradient reaching y_t from later steps and the final state
-    dc = g_c_last.copy()  # gradient reaching c_t
-    dgh = np.zeros((B, G), gates.dtype)  # gradient of W_hh y_{t-1} + b_hh at step t
-    need = np.empty((B, H), np.int64)  # units of G_{t-1} per sample
-    one = c_hat.dtype.type(1.0)
-    gamma_, k_ = c_hat.dtype.type(gamma), c_hat.dtype.type(k)
-    for b in prange(B):
-        for t in range(lengths[b] - 1, -1, -1):
-            _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma, k,
-                           g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, dy, dc, d_gi, dgh, d_theta)
-            # G_{t-1}: the units whose output gradient matters (all of them for y_0)
-            n = 0
-            for j in range(H):
-                dy[b, j] = 0
-                if t == 0:
-                    need[b, n] = j
-                    n += 1
-                else:
-                    if _in_g(c_hat[t - 1, b, j], theta[j], gamma_, k_, one):
-                        need[b, n] = j
-                        n += 1
-            # dy_{t-1}[j] = W_hh[:, j] · δ_t for j in G_{t-1}
-            q = 0
-            while q + 4 <= n:
-                j0, j1, j2, j3 = need[b, q], need[b, q + 1], need[b, q + 2], need[b, q + 3]
-                dy[b, j0], dy[b, j1], dy[b, j2], dy[b, j3] = _dot4(
-                    w_hh_t[j0], w_hh_t[j1], w_hh_t[j2], w_hh_t[j3], dgh[b])
-                q += 4
-            while q < n:
-                dy[b, need[b, q]] = _dot(w_hh_t[need[b, q]], dgh[b])
-                q += 1
-            macs[b] += G * n
-        d_y0[b] = dy[b]
-        d_c0[b] = dc[b]
-
-
 @_jit(fastmath=_REDUCE, inline="always")
 def _dot4x4(w0, w1, w2, w3, d0, d1, d2, d3):
     """The 16 dot products ``w_p·d_q`` in one pass over the rows: each element loaded is
@@ -546,23 +484,34 @@ def _unit_block_gradient(j, w_hh_t, dgh, members, n, dy):
 
 
 @_jit(parallel=True, fastmath=_CONTRACT)
-def layer_backward_grouped(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask, zp,
-                           gamma, k, g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, g_y_last,
-                           g_c_last, d_gi, d_theta, d_y0, d_c0, macs):
-    """:func:`layer_backward` for many samples: the cross-unit product of a step reads each
-    row of ``w_hh_t`` once for all the samples that need it.
+def layer_backward(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask, zp, gamma, k,
+                   g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, g_y_last, g_c_last, d_gi, d_theta,
+                   d_y0, d_c0, macs):
+    """Sparse backpropagation through time of :func:`layer_forward` (SPEC §2), without the
+    weight gradients (the caller computes them from d_gi after the loop).
 
-    Arguments and outputs as in :func:`layer_backward`, except macs (H,) int64: the MACs of
-    ``W_hᵀδ`` done per block of units, at the block's first unit (summed over samples and
-    steps).
+    Surrogate ``dH/dv = gamma·max(0, 1 − k|v|)``, ``v = ĉ − ϑ``.
+    Inputs: gates (T, B, G) = (r, z, n), gh_n, c_hat (T, B, H) from the forward pass;
+      c0 (B, H); theta (H,); w_hh_t (H, G); lengths, zmode, zmask, zp as in the forward;
+      g_y (T, B, H) gradient of y; g_e, g_c_hat (T, B, H) gradients of the events and
+      candidate states, read only if has_g_e / has_g_c_hat; g_y_last, g_c_last (B, H)
+      gradients of the final state.
+    Outputs:
+      d_gi (T, B, G), written at the valid steps: gradient of ``W_ih x_t + b_ih`` (and, but
+      for the reset gate's factor on the n rows, of ``W_hh y_{t-1} + b_hh``); d_theta (B, H),
+      zero on entry: per sample; d_y0, d_c0 (B, H); macs (H,) int64, zero on entry: MACs of
+      the cross-unit product ``W_hᵀδ``, per block of units at its first unit.
+    Only units in G_{t-1} (fired, or inside the surrogate's support) need ``W_hᵀδ_t``: the
+    output gradient of any other unit is multiplied by zero at step t−1.
 
     Per step, the elementwise part runs in parallel over samples, then the product in
-    parallel over blocks of four units: the block's rows of ``w_hh_t`` are dotted with the
-    ``δ_t`` of every sample that has one of the four units in G_{t-1}, four samples at a time
-    (sixteen dot products per pass; the ``δ_t`` of all samples, B × 3H, stay in L2). A unit
-    outside G_{t-1} that is computed with its block gets a value that is multiplied by zero
-    at step t−1 (no event, zero pseudo-derivative), as in the dense mode. Per sample
-    (:func:`layer_backward`) each sample read the rows for itself: B times the traffic.
+    parallel over blocks of four units: the block's rows of ``w_hh_t`` are read once and
+    dotted with the ``δ_t`` of every sample that has one of the four units in G_{t-1}, four
+    samples at a time (sixteen dot products per pass, in registers; the ``δ_t`` of all
+    samples, B × 3H, stay in L2). A unit outside G_{t-1} computed with its block gets a value
+    that is multiplied by zero. This beat, at every batch size measured (1–32) and with
+    narrow and wide supports, one sample at a time (each sample reading the rows of its own
+    units: B times the traffic) and a BLAS matmul per step (docs/speed.md).
     """
     T, B, G = gates.shape
     H = G // 3
@@ -602,25 +551,6 @@ def layer_backward_grouped(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode
             macs[lo] += G * n * (hi - lo)
     d_y0[:] = dy
     d_c0[:] = dc
-
-
-@_jit(parallel=True, fastmath=_CONTRACT)
-def backward_cell_step(t, gates, gh_n, c_hat, c0, theta, lengths, zmode, zmask, zp, gamma, k,
-                       g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, dy, dc, d_gi, dgh, d_theta):
-    """The elementwise part of step ``t`` of BPTT for every valid sample (the dense mode).
-
-    The caller runs the time loop and computes the cross-unit product ``dy = dgh·W_hh`` with
-    a dense matmul in between (at most a few units outside the surrogate's support make
-    skipping them not worth it), and the weight gradients after the loop from d_gi.
-    Arguments as in :func:`layer_backward`; dy, dc (B, H) carry the gradients between steps
-    (in: reaching ``y_t``, ``c_t``; out: dc reaches ``c_{t-1}``, dgh (B, G) is the gradient of
-    ``W_hh y_{t-1} + b_hh`` of the valid samples).
-    """
-    B = dy.shape[0]
-    for b in prange(B):
-        if lengths[b] > t:
-            _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma, k,
-                           g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, dy, dc, d_gi, dgh, d_theta)
 
 
 @_jit(parallel=True)
@@ -729,11 +659,6 @@ def sparse_weight_grad(x, d_out, rows, d_w_t):
     return d_out.shape[1] * start[x.shape[0]]
 
 
-# Serial twins of the time-loop kernels: the forward one for a single numba thread, the backward
-# ones below a batch size (with few samples a step is too little work to pay for waking threads
-# twice per step).
+# The serial twin of the forward kernel, for a single numba thread.
 # (getattr: with NUMBA_DISABLE_JIT=1 the decorated kernels are the Python functions themselves.)
 layer_forward_serial = _jit(fastmath=_CONTRACT)(getattr(layer_forward, "py_func", layer_forward))
-layer_backward_serial = _jit(fastmath=_CONTRACT)(getattr(layer_backward, "py_func", layer_backward))
-backward_cell_step_serial = _jit(fastmath=_CONTRACT)(
-    getattr(backward_cell_step, "py_func", backward_cell_step))

@@ -13,18 +13,14 @@ state, events and every gradient) to float rounding. The work follows the events
   few (:data:`SPARSE_WEIGHT_GRAD_DENSITY`), and the gradient of the input is skipped when the
   input needs none (a first layer's data).
 
-Backward modes. From ``GROUPED_BACKWARD_MIN_BATCH`` samples on, ``W_hhᵀ·δ_t`` is computed four
-units at a time for every sample that has one of them in G (``layer_backward_grouped``): each
-row of ``W_hhᵀ`` is read once per step for all samples, in register blocks of four units by
-four samples. With the default surrogate (support half-width ``1/k = 1``) nearly every unit
-lies inside the support at every activity, so there is little to skip, and this kernel is then
-a dense product that beat the BLAS matmul per step on the machine measured. With fewer
-samples, the backward pass runs whole sequences per sample (``layer_backward``), or, when the
-fraction of units in G is at least :data:`DENSE_BACKWARD_DENSITY`, one matmul per step. All
-modes give the same gradients (a unit outside G that is computed anyway gets a value that is
-multiplied by zero). ``"auto"`` also computes the forward recurrent product densely (one
-matmul per step) for many samples at high activity. The elementwise cell runs in the same
-numba kernels in every mode.
+Backward. ``W_hhᵀ·δ_t`` is computed four units at a time for every sample that has one of them
+in G (``layer_backward``): each row of ``W_hhᵀ`` is read once per step for all samples, in
+register blocks of four units by four samples. With the default surrogate (support half-width
+``1/k = 1``) nearly every unit lies inside the support at every activity, so there is little to
+skip; the kernel is then a dense product, and it beat a BLAS matmul per step on the machine
+measured. ``"auto"`` computes the forward recurrent product densely (one matmul per step) for
+many samples at high activity. The elementwise cell runs in the same numba kernels in every
+mode.
 
 What is saved for the backward pass is the gates ``(r, z, n)``, ``W_hn y + b_hn``, the outputs
 and candidate states; events and previous states are recomputed from them exactly.
@@ -206,7 +202,6 @@ class _EventLayer(torch.autograd.Function):
         c_last = torch.empty_like(y_last)
         macs = torch.zeros(B, dtype=torch.int64)
         w_hh_t = _transposed.get(w_hh)
-        parallel = _parallel(B)
         theta_ = theta.detach().contiguous()
         if dense_forward:
             _dense_recurrent_forward(K, gates, w_hh_t, b_hh_.contiguous(), theta_,
@@ -224,7 +219,7 @@ class _EventLayer(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, y0, c0, w_ih, w_hh, theta, gates, gh_n, c_hat, y, zm)
         ctx.w_hh_t = w_hh_t
-        ctx.meta = (parallel, len_np, zmode, float(zoneout_p), float(gamma), float(k),
+        ctx.meta = (len_np, zmode, float(zoneout_p), float(gamma), float(k),
                     b_ih is not None, b_hh is not None)
         return y, c_hat, e, y_last, c_last
 
@@ -233,7 +228,7 @@ class _EventLayer(torch.autograd.Function):
     def backward(ctx, g_y, g_c_hat, g_e, g_y_last, g_c_last):
         K = load_kernels()
         x, y0, c0, w_ih, w_hh, theta, gates, gh_n, c_hat, y, zm = ctx.saved_tensors
-        parallel, len_np, zmode, zp, gamma, k, has_b_ih, has_b_hh = ctx.meta
+        len_np, zmode, zp, gamma, k, has_b_ih, has_b_hh = ctx.meta
         T, B, I = x.shape
         H = y.shape[-1]
         G = 3 * H
@@ -250,35 +245,15 @@ class _EventLayer(torch.autograd.Function):
         # the kernels write every valid step; padded ones must read as zero
         d_gi = (torch.empty if (len_np == T).all() else torch.zeros)(T, B, G, dtype=x.dtype)
         d_theta = torch.zeros(B, H, dtype=x.dtype)
-        grouped = B >= GROUPED_BACKWARD_MIN_BATCH
-        dense = (not grouped and _support_density(c_hat, theta_, gamma, k, len_np)
-                 >= DENSE_BACKWARD_DENSITY)
-        if grouped:
-            d_y0 = torch.empty(B, H, dtype=x.dtype)
-            d_c0 = torch.empty_like(d_y0)
-            macs = torch.zeros(H, dtype=torch.int64)
-            K.layer_backward_grouped(
-                gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0_.numpy(), theta_.numpy(),
-                ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
-                *grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)),
-                d_gi.numpy(), d_theta.numpy(), d_y0.numpy(), d_c0.numpy(), macs.numpy())
-            counters.backward_recurrent += int(macs.sum())
-        elif dense:
-            d_y0, d_c0 = _dense_recurrent_backward(
-                K, parallel, gates, gh_n, c_hat, c0_, theta_, w_hh, len_np, zmode, zm, zp,
-                gamma, k, grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)), d_gi, d_theta)
-        else:
-            d_y0 = torch.empty(B, H, dtype=x.dtype)
-            d_c0 = torch.empty_like(d_y0)
-            macs = torch.zeros(B, dtype=torch.int64)
-            # whole sequences per thread: one parallel region, worth it from two samples on
-            backward = K.layer_backward if _parallel(B, 2) else K.layer_backward_serial
-            backward(
-                gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0_.numpy(), theta_.numpy(),
-                ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
-                *grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)),
-                d_gi.numpy(), d_theta.numpy(), d_y0.numpy(), d_c0.numpy(), macs.numpy())
-            counters.backward_recurrent += int(macs.sum())
+        d_y0 = torch.empty(B, H, dtype=x.dtype)
+        d_c0 = torch.empty_like(d_y0)
+        macs = torch.zeros(H, dtype=torch.int64)
+        K.layer_backward(
+            gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0_.numpy(), theta_.numpy(),
+            ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
+            *grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)),
+            d_gi.numpy(), d_theta.numpy(), d_y0.numpy(), d_c0.numpy(), macs.numpy())
+        counters.backward_recurrent += int(macs.sum())
 
         need = ctx.needs_input_grad
         d_gi2 = d_gi.view(T * B, G)
@@ -304,40 +279,17 @@ class _EventLayer(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-# The backward pass runs in dense mode (a matmul per step for W_hᵀδ) when at least this
-# fraction of units lies in G (fired or inside the surrogate's support). With the default
-# support half-width 1/k = 1 that is nearly every unit at every activity.
-DENSE_BACKWARD_DENSITY = 0.35
-# From this batch size on, the backward pass reads each row of W_hh once per step for all
-# samples (layer_backward_grouped), whatever the fraction of units in G. (At B = 32, H = 1024,
-# default surrogate: 100 steps of W_hᵀδ with the cell in ≈ 150 ms, against ≈ 200 + 26 ms for a
-# matmul per step and the cell, docs/speed.md.)
-GROUPED_BACKWARD_MIN_BATCH = 8
 # A weight gradient ``Σ_n d_out[n] ⊗ x[n]`` is computed event-driven below this density of x.
 SPARSE_WEIGHT_GRAD_DENSITY = 0.12
 
 
-def _support_density(c_hat, theta, gamma, k, len_np) -> float:
-    """Fraction of units in G_t (fired, or |ĉ − ϑ| < 1/k with γ > 0), estimated from every
-    4th step (it only chooses the backward mode; both modes are exact)."""
-    T = c_hat.shape[0]
-    sample = c_hat[: max(T - 1, 1) : 4]
-    valid = torch.from_numpy(len_np).unsqueeze(0) > torch.arange(0, max(T - 1, 1), 4).unsqueeze(1)
-    v = sample - theta
-    in_g = (v > 0) | (v.abs() < 1.0 / k) if gamma > 0 else v > 0
-    in_g = in_g & valid.unsqueeze(-1)
-    return float(in_g.sum()) / max(float(valid.sum()) * c_hat.shape[-1], 1.0)
-
-
-def _weight_grad(K, x2, d_out2, valid, sparse=None):
+def _weight_grad(K, x2, d_out2, valid):
     """``Σ_n d_out[n] ⊗ x[n]`` (G, I) from x2 (N, I) and d_out2 (N, G) over the rows where
     valid (N,) is true (d_out is zero at the others), and the MACs done: one dense matmul, or
-    event-driven over the nonzeros of x when it is sparse (``sparse=None``: decide by the
-    density of x)."""
+    event-driven over the nonzeros of x when they are few (SPARSE_WEIGHT_GRAD_DENSITY)."""
     N, I = x2.shape
     G = d_out2.shape[1]
-    if sparse is None:
-        sparse = float((x2 != 0).sum()) < SPARSE_WEIGHT_GRAD_DENSITY * max(x2.numel(), 1)
+    sparse = float(torch.count_nonzero(x2)) < SPARSE_WEIGHT_GRAD_DENSITY * max(x2.numel(), 1)
     if not sparse:  # computed transposed: the gradient gets the weights' column-major layout
         return x2.t().mm(d_out2).t(), G * N * I
     d_w_t = torch.empty(I, G, dtype=x2.dtype)
@@ -368,49 +320,6 @@ def _dense_recurrent_forward(K, gates, w_hh_t, b_hh, theta, y0, c0, len_np, zmod
     counters.recurrent += G * H * int(np.minimum(len_np, T).sum())  # a product per valid step
     y_last.copy_(y_prev)
     c_last.copy_(c)
-
-
-def _dense_recurrent_backward(K, parallel, gates, gh_n, c_hat, c0, theta, w_hh, len_np, zmode,
-                              zm, zp, gamma, k, grads, g_y_last, g_c_last, d_gi, d_theta):
-    """BPTT's time loop with a dense ``dy = dgh·W_hh`` per step (B×G by G×H, one matmul).
-
-    Exact: a unit outside G_{t-1} gets a value it would not have got in sparse mode, but its
-    output gradient is multiplied by zero at step t−1 (no event, zero pseudo-derivative).
-    Writes d_gi (T, B, G) and d_theta (B, H); returns the gradients of y_0 and c_0, (B, H).
-    """
-    T, B, G = gates.shape
-    dy = torch.from_numpy(g_y_last.copy())
-    dc = torch.from_numpy(g_c_last.copy())
-    dgh = torch.zeros(B, G, dtype=gates.dtype)
-    w = w_hh.detach()
-    step = K.backward_cell_step if parallel else K.backward_cell_step_serial
-    arrays = (gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0.numpy(), theta.numpy(), len_np,
-              zmode, zm.numpy(), zp, gamma, k, *grads, dy.numpy(), dc.numpy(), d_gi.numpy(),
-              dgh.numpy(), d_theta.numpy())
-    lengths = torch.from_numpy(len_np)
-    full = bool((lengths == T).all())
-    for t in range(T - 1, -1, -1):
-        step(t, *arrays)
-        if full:
-            torch.mm(dgh, w, out=dy)
-            n_rows = B
-        else:  # samples past their end hold their gradient
-            rows = (lengths > t).nonzero().squeeze(1)
-            dy.index_copy_(0, rows, dgh.index_select(0, rows).mm(w))
-            n_rows = int(rows.numel())
-        counters.backward_recurrent += G * w.shape[1] * n_rows
-    return dy, dc
-
-
-# Below this batch size the dense backward's per-step cell runs on one thread: with few samples
-# a step is too little work to pay for waking threads every step.
-PARALLEL_MIN_BATCH = 4
-
-
-def _parallel(batch: int, min_batch: Optional[int] = None) -> bool:
-    from numba import get_num_threads
-
-    return batch >= (PARALLEL_MIN_BATCH if min_batch is None else min_batch) and get_num_threads() > 1
 
 
 # Below this batch size the forward pass splits each step's product over the threads instead
