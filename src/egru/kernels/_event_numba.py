@@ -509,7 +509,8 @@ def layer_backward(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask,
     dotted with the ``δ_t`` of every sample that has one of the four units in G_{t-1}, four
     samples at a time (sixteen dot products per pass, in registers; the ``δ_t`` of all
     samples, B × 3H, stay in L2). A unit outside G_{t-1} computed with its block gets a value
-    that is multiplied by zero. This beat, at every batch size measured (1–32) and with
+    that is multiplied by zero at step t−1, and so does the stale value a sample keeps for the
+    units of a block it does not need (no event, zero pseudo-derivative). This beat, at every batch size measured (1–32) and with
     narrow and wide supports, one sample at a time (each sample reading the rows of its own
     units: B times the traffic) and a BLAS matmul per step (docs/speed.md).
     """
