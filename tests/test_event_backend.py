@@ -50,8 +50,8 @@ CONFIGS = {
 # modes of the event layer's kernels, forced through its thresholds (see event.py):
 # name -> module attributes of egru.kernels.event to set
 KERNEL_MODES = {
-    # event-driven weight gradients
-    "event-dw": dict(SPARSE_WEIGHT_GRAD_DENSITY=2.0),
+    # event-driven weight gradients, reading the gate gradients in tiles of one row
+    "event-dw": dict(SPARSE_WEIGHT_GRAD_DENSITY=2.0, WEIGHT_GRAD_TILE_BYTES=1),
     # dense weight gradients
     "dense-dw": dict(SPARSE_WEIGHT_GRAD_DENSITY=0.0),
     # backend "auto" choosing the dense forward product always
