@@ -95,8 +95,9 @@ class Counters:
 
     ``recurrent``: forward recurrent product, ``3H·Σ|A_{t-1}|`` over valid steps and samples;
     ``input``: forward input product when it ran event-driven (``3H·nnz(x)`` over valid steps);
-    ``backward_recurrent``: ``W_hᵀδ`` products; ``backward_weight``: recurrent weight gradient
-    (in the dense modes, the dense matmuls' MACs).
+    ``backward_recurrent``: ``W_hᵀδ`` products, done for blocks of four units (see the numba
+    ``layer_backward``); ``backward_weight``: recurrent weight gradient (when it is a dense
+    matmul, the matmul's MACs).
     """
 
     def __init__(self):
