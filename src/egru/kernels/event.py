@@ -280,8 +280,9 @@ class _EventLayer(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-# A weight gradient ``Σ_n d_out[n] ⊗ x[n]`` is computed event-driven below this density of x.
-SPARSE_WEIGHT_GRAD_DENSITY = 0.12
+# A weight gradient ``Σ_n d_out[n] ⊗ x[n]`` is computed event-driven below this density of x
+# (measured crossover with the dense matmul, T·B = 3200: ≈ 0.33 at H = 1024, ≈ 0.27 at H = 256).
+SPARSE_WEIGHT_GRAD_DENSITY = 0.25
 # Bytes of d_out per tile of the event-driven weight gradient, about a core's L2 cache (B = 32,
 # H = 1024, 10 % density: 77 → 37–41 ms for tiles of 32–256 rows, docs/speed.md).
 WEIGHT_GRAD_TILE_BYTES = 1 << 20
