@@ -656,19 +656,18 @@ def _sparse_dense_product(start, idx, vals, dense, bias, out, tile_rows):
 
 
 @_jit()
-def sparse_input_product(x, w_ih_t, b_ih, rows, out, macs):
+def sparse_input_product(x, w_ih_t, b_ih, rows, out):
     """Event-driven input product for a sparse input (a stacked layer's input is a ``y``).
 
     x (N, I) with N = T·B; w_ih_t (I, G) = W_ih transposed; b_ih (G,); rows (N,) bool:
     rows to compute (the others, padded steps, get ``b_ih``). Writes out (N, G) =
-    ``b_ih + Σ_{j: x[n, j] ≠ 0} x[n, j]·W_ih[:, j]`` and macs (N,) int64, ``G·nnz(x[n])``.
+    ``b_ih + Σ_{j: x[n, j] ≠ 0} x[n, j]·W_ih[:, j]`` and returns the MACs done, ``G·nnz``.
     ``w_ih_t`` is read in one tile: it is used by every row and stays in the last-level cache
     (tiles were no faster).
     """
     start, idx, vals = _nonzeros_by_row(x, rows)
     _sparse_dense_product(start, idx, vals, w_ih_t, b_ih, out, w_ih_t.shape[0])
-    for n in range(out.shape[0]):
-        macs[n] = out.shape[1] * (start[n + 1] - start[n])
+    return out.shape[1] * start[x.shape[0]]
 
 
 @_jit()
