@@ -689,3 +689,33 @@ def sparse_weight_grad(x, d_out, rows, tile_rows, d_w_t):
 # The serial twin of the forward kernel, for a single numba thread.
 # (getattr: with NUMBA_DISABLE_JIT=1 the decorated kernels are the Python functions themselves.)
 layer_forward_serial = _jit(fastmath=_CONTRACT)(getattr(layer_forward, "py_func", layer_forward))
+
+
+@_jit()
+def forward_events(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp, threads,
+                   split_max_batch, min_events, y, c_hat, gh_n, e, y_last, c_last):
+    """The event-driven forward of one layer and direction: :func:`layer_forward` for several
+    samples per thread, :func:`layer_forward_split` for at most split_max_batch samples (with
+    min_events as there), the serial twin when numba runs one thread (threads). Arguments and
+    outputs as in :func:`layer_forward`; returns the MACs of the recurrent product.
+
+    One entry point, so that a forward pass is one call from Python: each costs tens of
+    microseconds when the caches are cold (after another model ran), a sizeable part of a
+    sparse B = 1 forward. (``numba.get_num_threads()`` inside would keep numba from caching
+    the compiled function.)
+    """
+    B = y0.shape[0]
+    macs = np.zeros(B, np.int64)
+    if threads == 1:
+        layer_forward_serial(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
+                             y, c_hat, gh_n, e, y_last, c_last, macs)
+    elif B <= split_max_batch:
+        layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
+                            threads, min_events, y, c_hat, gh_n, e, y_last, c_last, macs)
+    else:
+        layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
+                      y, c_hat, gh_n, e, y_last, c_last, macs)
+    total = 0
+    for b in range(B):
+        total += macs[b]
+    return total

@@ -210,13 +210,12 @@ def _forward_pass(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zmask, zone
                                  y0.detach(), c0.detach(), len_np, zmode, zm, float(zoneout_p),
                                  y, c_hat, gh_n, e, y_last, c_last)
     else:
-        forward, kernel_args = _forward_kernel(K, B)
-        macs = np.zeros(B, np.int64)
-        forward(gates.numpy(), w_hh_t.numpy(), b_hh_.contiguous().numpy(), theta_.numpy(),
-                y0.detach().contiguous().numpy(), c0.detach().contiguous().numpy(), len_np,
-                zmode, zm.numpy(), float(zoneout_p), *kernel_args, y.numpy(), c_hat.numpy(),
-                gh_n.numpy(), e.numpy(), y_last.numpy(), c_last.numpy(), macs)
-        counters.recurrent += int(macs.sum())
+        counters.recurrent += K.forward_events(
+            gates.numpy(), w_hh_t.numpy(), b_hh_.contiguous().numpy(), theta_.numpy(),
+            y0.detach().contiguous().numpy(), c0.detach().contiguous().numpy(), len_np, zmode,
+            zm.numpy(), float(zoneout_p), K.numba.get_num_threads(), SPLIT_MAX_BATCH,
+            SPLIT_MIN_EVENTS, y.numpy(), c_hat.numpy(), gh_n.numpy(), e.numpy(), y_last.numpy(),
+            c_last.numpy())
     counters.calls += 1
     return (y, c_hat, e, y_last, c_last), (gates, gh_n, zm, w_hh_t, len_np, zmode)
 
@@ -346,20 +345,6 @@ def _dense_recurrent_forward(K, gates, w_hh_t, b_hh, theta, y0, c0, len_np, zmod
 # (reading fewer rows of W_hhᵀ takes less time than waking the threads).
 SPLIT_MAX_BATCH = 1
 SPLIT_MIN_EVENTS = 32
-
-
-def _forward_kernel(K, batch: int):
-    """The event-driven forward kernel for this batch size (see _event_numba.layer_forward),
-    and its extra arguments: ``(n_chunks, min_events)`` for the split kernel, none for the
-    others."""
-    from numba import get_num_threads
-
-    threads = get_num_threads()
-    if threads == 1:
-        return K.layer_forward_serial, ()
-    if batch <= SPLIT_MAX_BATCH:
-        return K.layer_forward_split, (threads, SPLIT_MIN_EVENTS)
-    return K.layer_forward, ()
 
 
 def _check_lengths(lengths: Optional[torch.Tensor], T: int, B: int) -> Optional[torch.Tensor]:
