@@ -88,7 +88,8 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     worker = str(Path(__file__).with_name("lm_worker.py"))
     overrides = json.dumps(dict(max_steps=5, dropout_embedding=0.0, dropout_between=0.0, dropout_output=0.0,
                                 dropconnect=0.0, dropout_words=0.0, eval_every=5))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent),
+           "CUDA_VISIBLE_DEVICES": ""}  # CPU processes (gloo) on a machine with GPUs too
     subprocess.run([sys.executable, worker, str(tmp_path / "one"), overrides], check=True, env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                     f"--master_port={_free_port()}", worker, str(tmp_path / "two"), overrides],

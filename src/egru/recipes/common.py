@@ -20,13 +20,34 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator a run draws from, the GPUs' included (dropout on a GPU draws
+    from the GPU's generator: without it a resumed run would draw other masks)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+def default_device() -> torch.device:
+    """This process's GPU (``LOCAL_RANK`` under ``torchrun``) when CUDA is available, else the
+    CPU. ``CUDA_VISIBLE_DEVICES=`` (empty) trains on the CPU of a machine with GPUs."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local_rank >= count:
+        raise RuntimeError(
+            f"this is process {local_rank} on its node but only {count} GPU(s) are visible: start "
+            f"torchrun with --nproc_per_node={count} or fewer, or set CUDA_VISIBLE_DEVICES= (empty) "
+            "to train on the CPU")
+    return torch.device("cuda", local_rank)
 
 
 def save_atomic(obj, path: Path) -> None:

@@ -23,8 +23,8 @@ from torch import nn
 import egru
 from egru import data
 
-from .common import (MetricsLog, is_main_process, progress_bar, rng_state, save_atomic,
-                     seed_everything, set_rng_state)
+from .common import (MetricsLog, default_device, is_main_process, progress_bar, rng_state,
+                     save_atomic, seed_everything, set_rng_state)
 
 CHECKPOINT_KIND = "egru-language-model"
 MODELS = ("egru", "gru", "lstm")
@@ -402,13 +402,12 @@ def train_and_evaluate(cfg: LMConfig, run_dir, *, data_dir=None, download: bool 
     and ``run_dir/best.pt`` (best validation perplexity).
     """
     run_dir = Path(run_dir)
-    distributed = _init_distributed()
+    device = default_device()
+    distributed = _init_distributed(device)
     rank, world_size = world()
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world_size} processes")
     corpus = data.load_corpus(cfg.dataset, data_dir, download)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-        else torch.device("cpu")
 
     ckpt = None
     if resume:
@@ -555,15 +554,15 @@ def train_and_evaluate(cfg: LMConfig, run_dir, *, data_dir=None, download: bool 
     return result
 
 
-def _init_distributed() -> bool:
-    """Join the process group that ``torchrun`` describes in the environment, if any."""
+def _init_distributed(device: torch.device) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment, if any: NCCL
+    between GPUs, gloo between CPU processes."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return True
 
 
@@ -578,4 +577,5 @@ def evaluate_checkpoint(path, split: str = "test", data_dir=None, download: bool
         raise ValueError(f"the checkpoint's vocabulary ({ckpt['vocab_size']}) does not match "
                          f"{cfg.dataset} ({len(corpus.vocab)})")
     batch = cfg.test_batch_size if split == "test" else cfg.eval_batch_size
-    return evaluate(model, corpus.split(split), batch, cfg.bptt, progress)
+    device = default_device()  # where training evaluated it: the same numbers
+    return evaluate(model.to(device), corpus.split(split).to(device), batch, cfg.bptt, progress)
