@@ -162,7 +162,8 @@ def layer_with_grads(fn, tensors, surrogate, **kwargs):
 @given(T=st.integers(1, 5), B=st.integers(1, 5), I=st.integers(1, 4), H=st.integers(1, 6),
        reverse=st.booleans(), packed=st.booleans(), zoneout=st.sampled_from(["none", "mask", "eval"]),
        mode=st.sampled_from(["event-dw", "dense-dw"]),
-       forward=st.sampled_from(["event", "event-split", "dense"]), seed=st.integers(0, 2**16),
+       forward=st.sampled_from(["event", "event-split", "event-serial", "dense"]),
+       seed=st.integers(0, 2**16),
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_layer_parity_random(T, B, I, H, reverse, packed, zoneout, mode, forward, seed, dtype):
     """The backend function itself on random shapes and options (the cell computes in the
@@ -181,14 +182,18 @@ def test_layer_parity_random(T, B, I, H, reverse, packed, zoneout, mode, forward
     layer = dense_forward_layer if forward == "dense" else event.egru_layer_event
     # "event-split": the forward kernel that splits each step's product over threads, at the
     # steps that follow at least seed % 5 events (one thread at the others: both branches)
-    saved = event.SPLIT_MAX_BATCH, event.SPLIT_MIN_EVENTS
+    # "event-serial": the forward kernel's twin for a single numba thread
+    saved = event.SPLIT_MAX_BATCH, event.SPLIT_MIN_EVENTS, numba.get_num_threads()
     event.SPLIT_MAX_BATCH = 100 if forward == "event-split" else 0
     event.SPLIT_MIN_EVENTS = seed % 5
+    if forward == "event-serial":
+        numba.set_num_threads(1)
     try:
         with kernel_mode(mode):
             got, got_grads = layer_with_grads(layer, tensors, surrogate, **kwargs)
     finally:
-        event.SPLIT_MAX_BATCH, event.SPLIT_MIN_EVENTS = saved
+        event.SPLIT_MAX_BATCH, event.SPLIT_MIN_EVENTS = saved[:2]
+        numba.set_num_threads(saved[2])
     assert torch.equal(got.e, ref.e)
     tol = TOL[dtype]
     for a, b in [(got.y, ref.y), (got.state.y, ref.state.y), (got.state.c, ref.state.c)]:
@@ -338,6 +343,21 @@ def test_missing_numba_warns_once_and_uses_reference(monkeypatch):
     reference = egru.EGRU(3, 4, backend="reference", dtype=torch.float64)
     reference.load_state_dict(model.state_dict())
     torch.testing.assert_close(out, reference(x)[0])
+
+
+def test_every_cached_kernel_has_a_cache_file_of_its_own():
+    """numba's on-disk cache keys a function by its name and first line, not by its compile
+    options: two kernels compiled from one Python function under one name (the forward kernel
+    and its serial twin) would serve each other's cached code, and the parallel kernel ran on
+    one thread after the serial one had been cached first."""
+    kernels = event.load_kernels()
+    cached = [k for k in vars(kernels).values()
+              if getattr(getattr(k, "_cache", None), "_cache_file", None) is not None]
+    if not cached:
+        pytest.skip("the kernels are not compiled (NUMBA_DISABLE_JIT) or not cached")
+    files = [k._cache._cache_file._index_name for k in cached]
+    assert kernels.layer_forward_serial in cached and kernels.layer_forward in cached
+    assert len(set(files)) == len(files)
 
 
 def test_kernels_compile_without_a_writable_cache(monkeypatch):

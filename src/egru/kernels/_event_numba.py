@@ -18,6 +18,8 @@ are left to one product each after the time loop.
 
 from __future__ import annotations
 
+import types
+
 import numba
 import numpy as np
 from numba import prange
@@ -686,9 +688,21 @@ def sparse_weight_grad(x, d_out, rows, tile_rows, d_w_t):
     return d_out.shape[1] * start[x.shape[0]]
 
 
+def _renamed(kernel, name):
+    """The Python function of a kernel under another name (getattr: with NUMBA_DISABLE_JIT=1
+    the decorated kernels are the Python functions themselves). numba's on-disk cache keys a
+    function by its name and first line, not by its compile options: compiled under its
+    original name, a twin with other options shares the original's cache entries, and
+    whichever is compiled first serves both (the parallel forward kernel ran on one thread
+    after the serial twin had been cached)."""
+    fn = getattr(kernel, "py_func", kernel)
+    twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = name
+    return twin
+
+
 # The serial twin of the forward kernel, for a single numba thread.
-# (getattr: with NUMBA_DISABLE_JIT=1 the decorated kernels are the Python functions themselves.)
-layer_forward_serial = _jit(fastmath=_CONTRACT)(getattr(layer_forward, "py_func", layer_forward))
+layer_forward_serial = _jit(fastmath=_CONTRACT)(_renamed(layer_forward, "layer_forward_serial"))
 
 
 @_jit()
