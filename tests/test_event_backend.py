@@ -222,6 +222,33 @@ def test_sparse_input_path_and_mac_counter():
     assert event.counters.recurrent < 3 * H * H * (stats[0].steps + stats[1].steps)
 
 
+def test_inference_without_a_graph_equals_the_reference():
+    """With nothing to differentiate (no_grad, or no tensor that needs a gradient) the forward
+    runs outside autograd: the same outputs, state and events as the reference."""
+    torch.manual_seed(3)
+    kw = dict(num_layers=2, bidirectional=True, dtype=torch.float64, zoneout=0.2)
+    reference = egru.EGRU(4, 6, backend="reference", **kw).eval()
+    with torch.no_grad():
+        for threshold in reference.thresholds():
+            threshold.uniform_(0.0, 0.4)
+    layer = egru.EGRU(4, 6, backend="event", **kw).eval()
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(7, 3, 4, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([7, 3, 5]), enforce_sorted=False)
+    expected = reference(packed, record=True)
+    with torch.no_grad():
+        under_no_grad = layer(packed, record=True)
+    layer.requires_grad_(False)
+    without_grads = layer(packed, record=True)
+    for out, state, records in (under_no_grad, without_grads):
+        assert not out.data.requires_grad
+        torch.testing.assert_close(out.data, expected[0].data, **TOL[torch.float64])
+        for a, b in zip(state, expected[1]):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+        for got, want in zip(records, expected[2]):
+            assert torch.equal(got.e, want.e.detach())
+
+
 def test_backward_reads_each_block_of_units_for_the_samples_that_need_it():
     """Backward cross-unit products only for units that fired or lie in the surrogate's support,
     four units at a time for every sample that has one of the four in G_{t-1} (all samples at
