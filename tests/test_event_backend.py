@@ -162,7 +162,7 @@ def layer_with_grads(fn, tensors, surrogate, **kwargs):
 @given(T=st.integers(1, 5), B=st.integers(1, 5), I=st.integers(1, 4), H=st.integers(1, 6),
        reverse=st.booleans(), packed=st.booleans(), zoneout=st.sampled_from(["none", "mask", "eval"]),
        mode=st.sampled_from(["event-dw", "dense-dw"]),
-       forward=st.sampled_from(["event", "event-split", "event-serial", "dense"]),
+       forward=st.sampled_from(["event", "event-serial", "dense"]),
        seed=st.integers(0, 2**16),
        dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_layer_parity_random(T, B, I, H, reverse, packed, zoneout, mode, forward, seed, dtype):
@@ -180,20 +180,16 @@ def test_layer_parity_random(T, B, I, H, reverse, packed, zoneout, mode, forward
     surrogate = Triangle(0.7, 1.5)
     ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, surrogate, **kwargs)
     layer = dense_forward_layer if forward == "dense" else event.egru_layer_event
-    # "event-split": the forward kernel that splits each step's product over threads, at the
-    # steps that follow at least seed % 5 events (one thread at the others: both branches)
-    # "event-serial": the forward kernel's twin for a single numba thread
-    saved = event.SPLIT_MAX_BATCH, event.SPLIT_MIN_EVENTS, numba.get_num_threads()
-    event.SPLIT_MAX_BATCH = 100 if forward == "event-split" else 0
-    event.SPLIT_MIN_EVENTS = seed % 5
+    # "event": whole samples per thread (one sample serially); "event-serial": the forward
+    # kernel's serial twin for every batch size, as with a single numba thread
+    threads = numba.get_num_threads()
     if forward == "event-serial":
         numba.set_num_threads(1)
     try:
         with kernel_mode(mode):
             got, got_grads = layer_with_grads(layer, tensors, surrogate, **kwargs)
     finally:
-        event.SPLIT_MAX_BATCH, event.SPLIT_MIN_EVENTS = saved[:2]
-        numba.set_num_threads(saved[2])
+        numba.set_num_threads(threads)
     assert torch.equal(got.e, ref.e)
     tol = TOL[dtype]
     for a, b in [(got.y, ref.y), (got.state.y, ref.state.y), (got.state.c, ref.state.c)]:
@@ -333,12 +329,27 @@ def test_padded_steps_emit_nothing_and_hold_state():
     torch.testing.assert_close(out.state.c, ref.state.c, rtol=1e-12, atol=1e-12)
 
 
-def test_double_backward_is_an_error_not_a_wrong_answer():
-    tensors = random_layer(3, 1, 2, 3, torch.float64, seed=6)
-    out = event.egru_layer_event(tensors[0], EGRUState(*tensors[1:3]), *tensors[3:], Triangle())
-    (g,) = torch.autograd.grad(out.y.sum() + out.state.c.sum(), tensors[4], create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
+@pytest.mark.parametrize("backend", ["event", "auto"])
+def test_double_backward_is_an_error_not_a_dropped_term(backend):
+    """A gradient penalty through the event kernels raises where the graph is requested; the
+    penalty's term is never silently dropped (it used to give ``g`` without a graph)."""
+    torch.manual_seed(0)
+    model = egru.EGRU(4, 8, num_layers=2, backend=backend)
+    x = torch.rand(5, 2, 4, requires_grad=True)
+    out = model(x)[0]
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+def test_gradient_penalty_works_on_the_reference_backend():
+    torch.manual_seed(0)
+    model = egru.EGRU(4, 8, num_layers=2, backend="reference", dtype=torch.float64)
+    x = torch.rand(5, 2, 4, dtype=torch.float64, requires_grad=True)
+    out = model(x)[0]
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    assert g.requires_grad
+    (out.sum() + (g ** 2).sum()).backward()
+    assert torch.isfinite(model.weight_ih_l0.grad).all()
 
 
 def test_unsupported_surrogate_falls_back_to_reference(recwarn):
@@ -424,3 +435,88 @@ def test_cell_exp_is_accurate_in_the_data_type(dtype):
     exact = np.exp(x.astype(np.longdouble))
     ulps = np.abs(got.astype(np.longdouble) - exact) / np.spacing(exact.astype(dtype)).astype(np.longdouble)
     assert ulps.max() <= 3, f"{np.dtype(dtype).name}: {float(ulps.max()):.2f} ulp at x = {x[ulps.argmax()]}"
+
+
+# --- non-finite values, autocast, torch.func, threads ------------------------------------------
+
+def _poison(model, where, x, state):
+    """Put one NaN or infinity into the input, the state or a parameter (in place)."""
+    target, value = where.rsplit(" ", 1)
+    value = float(value)
+    with torch.no_grad():
+        if target == "x":
+            x[1, 0, 0] = value
+        elif target in ("y0", "c0"):
+            state[0 if target == "y0" else 1][0, 1, 3] = value
+        else:  # a parameter's name
+            parameter = getattr(model, target)
+            parameter[(2,) * parameter.dim()] = value
+
+
+NON_FINITE = ["x nan", "x inf", "x -inf", "y0 nan", "c0 nan", "c0 -inf", "threshold_l0 nan",
+              "threshold_l0 inf", "threshold_l0 -inf", "weight_hh_l0 nan", "weight_hh_l1 inf",
+              "weight_ih_l1 nan", "bias_hh_l1 nan"]
+
+
+def _run_poisoned(backend, where):
+    torch.manual_seed(0)
+    model = egru.EGRU(4, 8, 2, threshold_mean=0.05, backend=backend, dtype=torch.float64)
+    x = torch.rand(5, 2, 4, dtype=torch.float64)
+    state = (torch.zeros(2, 2, 8, dtype=torch.float64), torch.zeros(2, 2, 8, dtype=torch.float64))
+    _poison(model, where, x, state)
+    x.requires_grad_()
+    out, (y_n, c_n) = model(x, state)
+    (out.sum() + c_n.sum()).backward()
+    return (out, y_n, c_n), [p.grad for p in model.parameters()] + [x.grad]
+
+
+@pytest.mark.parametrize("backend", ["event", "auto"])
+@pytest.mark.parametrize("where", NON_FINITE)
+def test_nan_and_inf_propagate_as_in_the_reference(backend, where):
+    """A NaN or infinity anywhere reaches the same outputs, states and gradients as in the
+    reference (the event-driven products skip silent units, which must not hide it)."""
+    ref, ref_grads = _run_poisoned("reference", where)
+    got, got_grads = _run_poisoned(backend, where)
+    assert not all(torch.isfinite(a).all() for a in (*ref, *ref_grads))  # the case poisons
+    for a, b in zip(got, ref):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, equal_nan=True)
+    for a, b in zip(got_grads, ref_grads):
+        assert torch.equal(a.isfinite(), b.isfinite())
+
+
+@pytest.mark.parametrize("backend", ["event", "auto"])
+def test_runs_under_cpu_autocast(backend):
+    """Under autocast the event kernels compute in the weights' type instead of crashing on
+    bfloat16 products; the result is the float32 computation's."""
+    torch.manual_seed(0)
+    model = egru.EGRU(4, 8, 2, backend=backend)
+    x = torch.rand(6, 3, 4)
+    expected = model(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (y_n, c_n) = model(x)
+        out.sum().backward()
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert model.weight_hh_l0.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["reference", "event", "auto"])
+def test_torch_func_grad_and_vmap(backend):
+    """``torch.func.grad`` and ``vmap`` work on every backend (the event kernels hand over to
+    the reference inside a transform) and agree with plain autograd."""
+    torch.manual_seed(0)
+    model = egru.EGRU(3, 5, 2, backend=backend, dtype=torch.float64)
+    params = dict(model.named_parameters())
+    x = torch.rand(4, 2, 3, dtype=torch.float64)
+
+    def loss(p, x):
+        return torch.func.functional_call(model, p, (x,))[0].pow(2).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "event" says it hands over
+        grads = torch.func.grad(loss)(params, x)
+        per_sample = torch.func.vmap(loss, in_dims=(None, 1))(params, x.unsqueeze(2))
+    expected = torch.autograd.grad(loss(params, x), list(params.values()))
+    for name, g in zip(params, expected):
+        torch.testing.assert_close(grads[name], g, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(per_sample, torch.stack([loss(params, x[:, b:b + 1]) for b in range(2)]))

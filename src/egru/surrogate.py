@@ -21,11 +21,21 @@ import torch
 
 
 class _Heaviside(torch.autograd.Function):
+    """``H(v)`` forward, ``surrogate.derivative(v)`` backward. Written with ``setup_context``
+    and made of torch operations only, so that ``torch.func`` transforms (``vmap``, ``grad``,
+    ``jacrev``) and double backward see through it."""
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, v, surrogate):
+    def forward(v, surrogate):
+        return (v > 0).to(v.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        v, surrogate = inputs
         ctx.save_for_backward(v)
         ctx.surrogate = surrogate
-        return (v > 0).to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):

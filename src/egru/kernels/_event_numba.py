@@ -9,11 +9,14 @@ transposed, ``w_hh_t`` of shape (H, G): row ``j`` is everything unit ``j`` sends
 event-driven product reads one contiguous row per event.
 
 Parallelism (numba ``prange``): samples are independent in the forward pass, so it runs whole
-sequences per sample, one parallel region per call; with a single sample it splits each step's
-product over gate rows instead. The backward pass runs each step in two parallel regions, the
+sequences per sample, one parallel region per call; a single sample runs serially (no
+parallel region, no barrier per step that a busy core could stall). The backward pass runs each step in two parallel regions, the
 cell over samples and the cross-unit product over blocks of units, so that a row of the weights
 is read once per step for all samples. The weight gradients, which sum over samples and steps,
 are left to one product each after the time loop.
+
+The on-disk cache. Every parallel kernel is an entry point called from Python; no jitted
+function calls a parallel one (see the note above :func:`sparse_input_product`).
 """
 
 from __future__ import annotations
@@ -92,10 +95,14 @@ def _add_rows(out, w_t, idx, coef, n, lo):
 
 
 # exp(x) = 2^n·exp(r), x = n·ln 2 + r, |r| ≤ ln(2)/2: Cody–Waite reduction (ln 2 split in two so
-# that n·ln2_hi is exact), a Taylor polynomial in r, and 2^n from its bit pattern. In arithmetic
-# only (no libm call), so that a loop calling it is vectorised by LLVM: libm's exp and tanh are
-# scalar calls and were most of the cell's time. One version per float type, so that float32
-# data is computed in float32 (twice the SIMD lanes of float64 and cheaper divisions).
+# that n·ln2_hi is exact), a Taylor polynomial in r, and 2^n as the product of two powers of two
+# built from their bit patterns (each a normal float, so that the product underflows to 0 and
+# overflows to inf where exp does). In arithmetic only (no libm call), so that a loop calling it
+# is vectorised by LLVM: libm's exp and tanh are scalar calls and were most of the cell's time.
+# One version per float type, so that float32 data is computed in float32 (twice the SIMD lanes
+# of float64 and cheaper divisions). ±inf give inf and 0 and NaN gives NaN, so that sigmoid and
+# tanh built on it are exactly 0/±1 or NaN there, as torch's (0·inf in the candidate state is
+# then NaN as in the reference).
 
 def _exp(x):
     """``exp(x)`` in the float type of x, to about 2 ulp (jitted code: the typed versions below;
@@ -105,9 +112,8 @@ def _exp(x):
 
 @_jit(fastmath=_CONTRACT, inline="always")
 def _exp64(x):
-    """Degree 13 (truncation < 1e-17 relative). Clamped to [−708, 709]: beyond, the sigmoid and
-    tanh built on it are exact 0/±1 to float64 precision anyway (exp(−708) ≈ 3e−308)."""
-    x = min(max(x, -708.0), 709.0)
+    """Degree 13 (truncation < 1e-17 relative)."""
+    x = min(max(x, -1416.0), 1416.0)  # where 2^n is 0 or inf anyway (NaN stays NaN)
     n = np.floor(x * 1.4426950408889634 + 0.5)
     r = x - n * 6.93147180369123816490e-01 - n * 1.90821492927058770002e-10
     p = 1.0 / 6227020800.0
@@ -124,8 +130,10 @@ def _exp64(x):
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
-    # n is in [−1021, 1023] after the clamp: a normal float64
-    return p * np.int64((np.int64(n) + 1023) << 52).view(np.float64)
+    # n in [−2043, 2043]: halves in [−1022, 1022], normal float64s
+    n_lo = np.int64(n) >> 1
+    n_hi = np.int64(n) - n_lo
+    return (p * np.int64((n_lo + 1023) << 52).view(np.float64)) * np.int64((n_hi + 1023) << 52).view(np.float64)
 
 
 _F = np.float32
@@ -133,10 +141,8 @@ _F = np.float32
 
 @_jit(fastmath=_CONTRACT, inline="always")
 def _exp32(x):
-    """Degree 8 (truncation < 1e-10 relative), float32 throughout. Clamped to [−87, 88], where
-    results stay normal floats: beyond, the tanh built on it is ±1 exactly and the sigmoid 1 or
-    within 2e-38 of 0."""
-    x = min(max(x, _F(-87.0)), _F(88.0))
+    """Degree 8 (truncation < 1e-10 relative), float32 throughout."""
+    x = min(max(x, _F(-174.0)), _F(174.0))  # where 2^n is 0 or inf anyway (NaN stays NaN)
     n = np.floor(x * _F(1.44269504) + _F(0.5))
     r = x - n * _F(0.693359375) - n * _F(-2.12194440e-4)
     p = _F(1.0 / 40320.0)
@@ -148,8 +154,10 @@ def _exp32(x):
     p = p * r + _F(0.5)
     p = p * r + _F(1.0)
     p = p * r + _F(1.0)
-    # n is in [−126, 127] after the clamp: a normal float32
-    return p * np.int32((np.int32(n) + 127) << 23).view(np.float32)
+    # n in [−251, 251]: halves in [−126, 126], normal float32s
+    n_lo = np.int32(n) >> 1
+    n_hi = np.int32(n) - n_lo
+    return (p * np.int32((n_lo + 127) << 23).view(np.float32)) * np.int32((n_hi + 127) << 23).view(np.float32)
 
 
 @overload(_exp, inline="always")
@@ -193,13 +201,14 @@ def _cell_forward(gates, gh, c, theta, zmask, zmode, zp, gh_n, c_hat, y, y_prev,
         gates[2 * H + i] = nn
         gh_n[i] = hn
         c_hat[i] = ch
-        # the event: output the value, reset by the threshold (selects, not branches)
-        fired = ch > theta[i]
-        out = ch if fired else zero
+        # the event, output and reset in the reference's arithmetic (y = e·ĉ, c = ĉ − e·ϑ):
+        # equal to selecting for finite values, and a NaN or infinity propagates as there
+        ev = one if ch > theta[i] else zero
+        out = ev * ch
         y[i] = out
         y_prev[i] = out
-        c[i] = ch - theta[i] if fired else ch
-        e[i] = one if fired else zero
+        c[i] = ch - ev * theta[i]
+        e[i] = ev
 
 
 @_jit(parallel=True, fastmath=_CONTRACT)
@@ -248,69 +257,14 @@ def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
             n = _fired_units(e[t, b], y[t, b], act[b], coef[b])
 
 
-@_jit(fastmath=_CONTRACT)
-def _product_slice(gh, w_hh_t, b_hh, act, coef, n_act, lengths, t, lo, hi):
-    """Gate rows lo:hi of ``gh = b_hh + Σ_{j fired} y_j · W_hh[:, j]`` for the samples still
-    running at step t."""
-    for b in range(gh.shape[0]):
-        if lengths[b] > t:
-            gh[b, lo:hi] = b_hh[lo:hi]
-            _add_rows(gh[b, lo:hi], w_hh_t, act[b], coef[b], n_act[b], lo)
-
-
-@_jit(parallel=True, fastmath=_CONTRACT)
-def layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp, n_chunks,
-                        min_events, y, c_hat, gh_n, e, y_last, c_last, macs):
-    """:func:`layer_forward` for fewer samples than threads: the recurrent product of each
-    step is split over slices of the G gate rows instead, one per thread.
-
-    With one sample the product reads ``|A_{t-1}|`` rows of ``w_hh_t`` from the last-level
-    cache per step and is bound by that bandwidth; two cores read twice as fast, which pays
-    for waking the threads once per step when there are at least min_events rows to read (with
-    fewer, one thread adds them). n_chunks: the number of slices (the threads); other arguments
-    and outputs as in :func:`layer_forward`.
-    """
-    T, B, G = gates.shape
-    H = G // 3
-    width = (G + n_chunks - 1) // n_chunks
-    c_last[:] = c0
-    y_last[:] = y0
-    act = np.empty((B, H), np.int64)
-    coef = np.empty((B, H), y.dtype)
-    n_act = np.empty(B, np.int64)
-    # events of the previous step over all samples, counted in scalar code: an array
-    # expression such as n_act.sum() would become a parallel region of its own at every step
-    # (waking the threads even where one adds the rows)
-    total = 0
-    for b in range(B):
-        n_act[b] = _fired_units(y0[b], y0[b], act[b], coef[b])
-        total += n_act[b]
-    gh = np.empty((B, G), y.dtype)
-    for t in range(T):
-        if total >= min_events:
-            for q in prange(n_chunks):
-                _product_slice(gh, w_hh_t, b_hh, act, coef, n_act, lengths, t, q * width,
-                               min(G, q * width + width))
-        else:
-            _product_slice(gh, w_hh_t, b_hh, act, coef, n_act, lengths, t, 0, G)
-        total = 0
-        for b in range(B):
-            if lengths[b] > t:
-                macs[b] += G * n_act[b]
-                zm = zmask[t, b] if zmode == ZONEOUT_MASK else zmask[0, 0]
-                _cell_forward(gates[t, b], gh[b], c_last[b], theta, zm, zmode, zp, gh_n[t, b],
-                              c_hat[t, b], y[t, b], y_last[b], e[t, b])
-                n_act[b] = _fired_units(e[t, b], y[t, b], act[b], coef[b])
-                total += n_act[b]
-
-
 @_jit()
 def _fired_units(e, y, act, coef):
     """The units with an event, e (H,) != 0, into act[:n] and their outputs y (H,) into
-    coef[:n]; returns n."""
+    coef[:n]; returns n. A NaN output counts too (``0·NaN`` from a NaN state): it reaches every
+    unit through the recurrent product, as in a dense product."""
     n = 0
     for i in range(e.shape[0]):
-        if e[i] != 0:
+        if e[i] != 0 or y[i] != y[i]:
             act[n] = i
             coef[n] = y[i]
             n += 1
@@ -370,8 +324,7 @@ def _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma,
             cp = c0[b, i]
         else:
             cp = c_hat[t - 1, b, i]
-            if cp > th:
-                cp = cp - th
+            cp = cp - (one if cp > th else zero) * th  # the forward's reset, in its arithmetic
         r = gates[t, b, i]
         z = gates[t, b, H + i]
         nn = gates[t, b, 2 * H + i]
@@ -657,7 +610,15 @@ def _sparse_dense_product(start, idx, vals, dense, bias, out, tile_rows):
                 cursor[m - lo] = last
 
 
-@_jit()
+# The two products below are compositions of parallel kernels, called one after the other
+# from Python. They are not jitted themselves: a cached function without ``parallel=True``
+# that calls cached parallel ones does not start numba's thread pool when it is loaded from
+# the cache (the pool is started by the loader of a parallel function's own entry, which its
+# callers do not inherit once the callee itself came from the cache), and the process then
+# crashes at the first parallel region. So every parallel kernel here is an entry point
+# called from Python, and no jitted function calls a parallel one.
+
+
 def sparse_input_product(x, w_ih_t, b_ih, rows, out):
     """Event-driven input product for a sparse input (a stacked layer's input is a ``y``).
 
@@ -669,10 +630,9 @@ def sparse_input_product(x, w_ih_t, b_ih, rows, out):
     """
     start, idx, vals = _nonzeros_by_row(x, rows)
     _sparse_dense_product(start, idx, vals, w_ih_t, b_ih, out, w_ih_t.shape[0])
-    return out.shape[1] * start[x.shape[0]]
+    return out.shape[1] * int(start[x.shape[0]])
 
 
-@_jit()
 def sparse_weight_grad(x, d_out, rows, tile_rows, d_w_t):
     """``d_w_t[j] = Σ_{n: x[n, j] ≠ 0} x[n, j]·d_out[n]``: the weight gradient of a product
     with a sparse input, ``xᵀ·d_out`` over the nonzeros of x.
@@ -682,10 +642,10 @@ def sparse_weight_grad(x, d_out, rows, tile_rows, d_w_t):
     Returns the MACs done.
     """
     start, idx, vals = _nonzeros_by_row(x, rows)
-    by_column = _transpose_sparse(start, idx, vals, x.shape[1])
-    _sparse_dense_product(by_column[0], by_column[1], by_column[2], d_out,
-                          np.zeros(d_out.shape[1], d_out.dtype), d_w_t, tile_rows)
-    return d_out.shape[1] * start[x.shape[0]]
+    t_start, t_idx, t_vals = _transpose_sparse(start, idx, vals, x.shape[1])
+    _sparse_dense_product(t_start, t_idx, t_vals, d_out, np.zeros(d_out.shape[1], d_out.dtype),
+                          d_w_t, tile_rows)
+    return d_out.shape[1] * int(start[x.shape[0]])
 
 
 def _renamed(kernel, name):
@@ -701,35 +661,8 @@ def _renamed(kernel, name):
     return twin
 
 
-# The serial twin of the forward kernel, for a single numba thread.
+# The serial twin of the forward kernel, for one sample or a single numba thread: no
+# parallel region at all (a region per call costs more than one sample's sequence at high
+# sparsity, and a sample cannot be split across threads without a barrier per step, which a
+# busy core turns into a stall of every step).
 layer_forward_serial = _jit(fastmath=_CONTRACT)(_renamed(layer_forward, "layer_forward_serial"))
-
-
-@_jit()
-def forward_events(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp, threads,
-                   split_max_batch, min_events, y, c_hat, gh_n, e, y_last, c_last):
-    """The event-driven forward of one layer and direction: :func:`layer_forward` for several
-    samples per thread, :func:`layer_forward_split` for at most split_max_batch samples (with
-    min_events as there), the serial twin when numba runs one thread (threads). Arguments and
-    outputs as in :func:`layer_forward`; returns the MACs of the recurrent product.
-
-    One entry point, so that a forward pass is one call from Python: each costs tens of
-    microseconds when the caches are cold (after another model ran), a sizeable part of a
-    sparse B = 1 forward. (``numba.get_num_threads()`` inside would keep numba from caching
-    the compiled function.)
-    """
-    B = y0.shape[0]
-    macs = np.zeros(B, np.int64)
-    if threads == 1:
-        layer_forward_serial(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
-                             y, c_hat, gh_n, e, y_last, c_last, macs)
-    elif B <= split_max_batch:
-        layer_forward_split(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
-                            threads, min_events, y, c_hat, gh_n, e, y_last, c_last, macs)
-    else:
-        layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
-                      y, c_hat, gh_n, e, y_last, c_last, macs)
-    total = 0
-    for b in range(B):
-        total += macs[b]
-    return total

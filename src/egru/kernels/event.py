@@ -42,10 +42,19 @@ does the same. ``"auto"`` chooses the dense forward product per call (see
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
+import os
+import threading
 import warnings
 import weakref
 from typing import Optional
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: first compilations are not serialised across processes
+    fcntl = None
 
 import numpy as np
 import torch
@@ -77,17 +86,94 @@ def load_kernels():
     return _kernels
 
 
+class KernelCalls:
+    """Calls into the numba kernels that are safe from several processes and threads.
+
+    * Compiling: the first call of a kernel for a dtype in a process compiles it or loads it
+      from numba's on-disk cache. numba numbers a function's cache entries by reading and
+      rewriting an index file without a lock, so two processes compiling one function for two
+      signatures at once (``torchrun`` workers, parallel test runs) can each write entry 1 and
+      leave an index naming the other's code. Those first calls hold an exclusive lock on a
+      file in the kernel's cache directory; later calls take no lock.
+    * Threads: numba's ``workqueue`` threading layer (its fallback where neither OpenMP nor
+      TBB is available) aborts the process when two Python threads enter parallel regions at
+      once. Under it (and before the layer is known) calls are serialised by a lock; the
+      ``omp`` and ``tbb`` layers are thread-safe and run calls concurrently.
+    """
+
+    def __init__(self):
+        self._ready: set = set()  # (kernel, dtype) compiled or loaded in this process
+        self._thread_lock = threading.RLock()
+        self._serialise_threads = True  # until numba says which threading layer runs
+
+    def __call__(self, kernel, dtype, *args):
+        if (kernel, dtype) not in self._ready:
+            with _cache_lock(kernel), self._thread_lock:
+                result = kernel(*args)
+            self._ready.add((kernel, dtype))
+            self._serialise_threads = _threading_layer() in (None, "workqueue")
+            return result
+        if self._serialise_threads:
+            with self._thread_lock:
+                return kernel(*args)
+        return kernel(*args)
+
+
+def _threading_layer() -> Optional[str]:
+    """numba's threading layer once a parallel region has run, else None."""
+    try:
+        return load_kernels().numba.threading_layer()
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def _cache_lock(kernel):
+    """An exclusive lock, across processes, on the cache directory of a jitted kernel (none
+    for kernels without a disk cache, without the JIT, or where ``fcntl`` is missing)."""
+    directory = getattr(getattr(kernel, "_cache", None), "cache_path", None)
+    if directory is None or fcntl is None:
+        yield
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        handle = open(os.path.join(directory, "egru-compile.lock"), "a")
+    except OSError:  # a cache numba can read but we cannot write: numba compiles in memory
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+call = KernelCalls()
+
+
 def unsupported(x: torch.Tensor, weight_hh: torch.Tensor, surrogate) -> Optional[str]:
     """Why the event kernels cannot compute this call, or None when they can."""
     if type(surrogate) is not Triangle:
         return f"surrogate {type(surrogate).__name__} is not supported (only Triangle)"
     if x.device.type != "cpu" or weight_hh.device.type != "cpu":
         return f"device {x.device.type} is not supported (CPU only)"
-    if x.dtype not in (torch.float32, torch.float64):
-        return f"dtype {x.dtype} is not supported (float32 or float64)"
+    if x.dtype not in (torch.float32, torch.float64) or weight_hh.dtype != x.dtype:
+        return (f"dtype {x.dtype} with weights of {weight_hh.dtype} is not supported "
+                "(float32 or float64, one for both)")
+    if _in_functorch_transform():
+        return "torch.func transforms (vmap, grad, ...) are not supported"
     if load_kernels() is None:
         return "numba is not installed"
     return None
+
+
+def _in_functorch_transform() -> bool:
+    """Whether a ``torch.func`` transform is active: its wrapped tensors have no data that the
+    kernels could read."""
+    functorch = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
 
 class Counters:
@@ -135,7 +221,7 @@ class _TransposeCache:
     def _fingerprint(w: torch.Tensor) -> int:
         bits = w.detach().contiguous().view(-1).view(torch.int32).numpy().view("uint32")
         with np.errstate(over="ignore"):  # wrapping is intended (seen without the JIT only)
-            return int(load_kernels().fingerprint(bits))
+            return int(call(load_kernels().fingerprint, None, bits))
 
     def get(self, w: torch.Tensor) -> torch.Tensor:
         w_t = w.detach().t()
@@ -157,6 +243,36 @@ class _TransposeCache:
 
 
 _transposed = _TransposeCache()
+
+
+class _FiniteWeights:
+    """Whether a weight holds only finite values, remembered per version of the weight.
+
+    The event-driven products skip the weights of silent units, where a dense product
+    multiplies them by zero: a NaN or infinite weight would vanish there instead of turning
+    the output into NaN as in the reference. Layers with such weights take the dense products.
+    Checking reads the weight once, so the answer is kept while the weight's identity, storage
+    and autograd version (bumped by optimiser steps and other in-place changes) are unchanged.
+    """
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self.entries: dict = {}
+
+    def __call__(self, w: torch.Tensor) -> bool:
+        hit = self.entries.get(id(w))
+        if hit is not None and hit[0]() is w and hit[1:3] == (w._version, w.data_ptr()):
+            return hit[3]
+        finite = bool(torch.isfinite(w.detach()).all())
+        if w.requires_grad and w.grad_fn is not None:  # a fresh product (DropConnect)
+            return finite
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[id(w)] = (weakref.ref(w), w._version, w.data_ptr(), finite)
+        return finite
+
+
+_finite = _FiniteWeights()
 
 
 def _zeros_like_bias(w: torch.Tensor) -> torch.Tensor:
@@ -183,12 +299,13 @@ def _forward_pass(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zmask, zone
     # when caches are cold (after other models ran)
     len_np = np.full(B, T, np.int64) if lengths is None else lengths.numpy()
     x_np = x2.contiguous().numpy()
-    if np.count_nonzero(x_np) < SPARSE_INPUT_DENSITY * x_np.size:
+    dense_forward = dense_forward or not _finite(w_hh)
+    if np.count_nonzero(x_np) < SPARSE_INPUT_DENSITY * x_np.size and _finite(w_ih):
         gates = torch.empty(T * B, G, dtype=x.dtype)
         valid = np.arange(T)[:, None] < len_np[None, :]
-        counters.input += K.sparse_input_product(x_np, _transposed.get(w_ih).numpy(),
-                                                 b_ih_.contiguous().numpy(), valid.reshape(-1),
-                                                 gates.numpy())
+        counters.input += call(K.sparse_input_product, x.dtype, x_np,
+                               _transposed.get(w_ih).numpy(), b_ih_.contiguous().numpy(),
+                               valid.reshape(-1), gates.numpy())
         gates = gates.view(T, B, G)
     else:
         gates = torch.addmm(b_ih_, x2, w_ih.detach().t()).view(T, B, G)
@@ -210,12 +327,15 @@ def _forward_pass(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zmask, zone
                                  y0.detach(), c0.detach(), len_np, zmode, zm, float(zoneout_p),
                                  y, c_hat, gh_n, e, y_last, c_last)
     else:
-        counters.recurrent += K.forward_events(
-            gates.numpy(), w_hh_t.numpy(), b_hh_.contiguous().numpy(), theta_.numpy(),
-            y0.detach().contiguous().numpy(), c0.detach().contiguous().numpy(), len_np, zmode,
-            zm.numpy(), float(zoneout_p), K.numba.get_num_threads(), SPLIT_MAX_BATCH,
-            SPLIT_MIN_EVENTS, y.numpy(), c_hat.numpy(), gh_n.numpy(), e.numpy(), y_last.numpy(),
-            c_last.numpy())
+        # whole samples per thread; one sample (or one thread) runs serially
+        serial = B == 1 or K.numba.get_num_threads() == 1
+        macs = np.zeros(B, np.int64)
+        call(K.layer_forward_serial if serial else K.layer_forward, x.dtype,
+             gates.numpy(), w_hh_t.numpy(), b_hh_.contiguous().numpy(), theta_.numpy(),
+             y0.detach().contiguous().numpy(), c0.detach().contiguous().numpy(), len_np, zmode,
+             zm.numpy(), float(zoneout_p), y.numpy(), c_hat.numpy(), gh_n.numpy(), e.numpy(),
+             y_last.numpy(), c_last.numpy(), macs)
+        counters.recurrent += int(macs.sum())
     counters.calls += 1
     return (y, c_hat, e, y_last, c_last), (gates, gh_n, zm, w_hh_t, len_np, zmode)
 
@@ -237,8 +357,16 @@ class _EventLayer(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_y, g_c_hat, g_e, g_y_last, g_c_last):
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True: autograd would drop the terms
+            raise RuntimeError(
+                "egru backend 'event'/'auto': the event kernels' backward pass cannot be "
+                "differentiated again (create_graph=True, double backward); use "
+                "backend='reference' for gradient penalties and higher derivatives")
+        return _EventLayer._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, g_y, g_c_hat, g_e, g_y_last, g_c_last):
         K = load_kernels()
         x, y0, c0, w_ih, w_hh, theta, gates, gh_n, c_hat, y, zm = ctx.saved_tensors
         len_np, zmode, zp, gamma, k, has_b_ih, has_b_hh = ctx.meta
@@ -261,8 +389,8 @@ class _EventLayer(torch.autograd.Function):
         d_y0 = torch.empty(B, H, dtype=x.dtype)
         d_c0 = torch.empty_like(d_y0)
         macs = torch.zeros(H, dtype=torch.int64)
-        K.layer_backward(
-            gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0_.numpy(), theta_.numpy(),
+        call(
+            K.layer_backward, x.dtype, gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0_.numpy(), theta_.numpy(),
             ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
             *grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)),
             d_gi.numpy(), d_theta.numpy(), d_y0.numpy(), d_c0.numpy(), macs.numpy())
@@ -307,12 +435,14 @@ def _weight_grad(K, x2, d_out2, valid):
     N, I = x2.shape
     G = d_out2.shape[1]
     sparse = float(torch.count_nonzero(x2)) < SPARSE_WEIGHT_GRAD_DENSITY * max(x2.numel(), 1)
-    if not sparse:  # computed transposed: the gradient gets the weights' column-major layout
+    # a NaN or infinite gradient times a zero input is NaN in the dense product, as in the
+    # reference: the event-driven one would skip it
+    if not sparse or not bool(torch.isfinite(d_out2).all()):  # computed transposed: the gradient gets the weights' column-major layout
         return x2.t().mm(d_out2).t(), G * N * I
     d_w_t = torch.empty(I, G, dtype=x2.dtype)
     tile_rows = max(1, WEIGHT_GRAD_TILE_BYTES // (G * x2.element_size()))
-    macs = K.sparse_weight_grad(x2.contiguous().numpy(), d_out2.contiguous().numpy(),
-                                valid.numpy(), tile_rows, d_w_t.numpy())
+    macs = call(K.sparse_weight_grad, x2.dtype, x2.contiguous().numpy(),
+                d_out2.contiguous().numpy(), valid.numpy(), tile_rows, d_w_t.numpy())
     return d_w_t.t(), int(macs)
 
 
@@ -329,22 +459,14 @@ def _dense_recurrent_forward(K, gates, w_hh_t, b_hh, theta, y0, c0, len_np, zmod
     y_prev = y0.clone().contiguous()
     c = c0.clone().contiguous()
     gh = torch.empty(B, G, dtype=gates.dtype)
-    step = K.forward_cell_step
     arrays = (gates.numpy(), gh.numpy(), theta.numpy(), len_np, zmode, zm.numpy(), zp,
               y_prev.numpy(), c.numpy(), y.numpy(), c_hat.numpy(), gh_n.numpy(), e.numpy())
     for t in range(T):
         torch.addmm(b_hh, y_prev, w_hh_t, out=gh)
-        step(t, *arrays)
+        call(K.forward_cell_step, gates.dtype, t, *arrays)
     counters.recurrent += G * H * int(np.minimum(len_np, T).sum())  # a product per valid step
     y_last.copy_(y_prev)
     c_last.copy_(c)
-
-
-# Below this batch size the forward pass splits each step's product over the threads instead
-# of running whole samples per thread, at steps that follow at least SPLIT_MIN_EVENTS events
-# (reading fewer rows of W_hhᵀ takes less time than waking the threads).
-SPLIT_MAX_BATCH = 1
-SPLIT_MIN_EVENTS = 32
 
 
 def _check_lengths(lengths: Optional[torch.Tensor], T: int, B: int) -> Optional[torch.Tensor]:
@@ -374,6 +496,27 @@ def _run_event(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surr
     return LayerOutput(y, EGRUState(y_last, c_last), e, c_hat)
 
 
+def _outside_autocast(layer_fn):
+    """``layer_fn`` run outside CPU autocast, on inputs in the weights' float type.
+
+    Autocast would hand the kernels bfloat16 products they cannot take; the layer computes in
+    its weights' type (float32 or float64) instead, as autocast itself leaves the elementwise
+    cell and the recurrence in full precision.
+    """
+
+    @functools.wraps(layer_fn)
+    def wrapped(x, state, weight_ih, weight_hh, *args, **kwargs):
+        if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return layer_fn(x, state, weight_ih, weight_hh, *args, **kwargs)
+        dtype = weight_hh.dtype
+        with torch.autocast("cpu", enabled=False):
+            state = EGRUState(state.y.to(dtype), state.c.to(dtype))
+            return layer_fn(x.to(dtype), state, weight_ih, weight_hh, *args, **kwargs)
+
+    return wrapped
+
+
+@_outside_autocast
 def egru_layer_event(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, *,
                      lengths=None, zoneout_p=0.0, zoneout_mask=None, reverse=False) -> LayerOutput:
     """``backend="event"``: :func:`egru.functional.egru_layer` with event-driven kernels."""
@@ -410,6 +553,7 @@ AUTO_DENSE_MIN_BATCH = 16
 AUTO_ACTIVITY_LIMIT = 0.75
 
 
+@_outside_autocast
 def egru_layer_auto(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, *,
                     lengths=None, zoneout_p=0.0, zoneout_mask=None, reverse=False) -> LayerOutput:
     """``backend="auto"``: per call, the event-driven or a dense recurrent product.
