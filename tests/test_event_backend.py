@@ -520,3 +520,46 @@ def test_torch_func_grad_and_vmap(backend):
     for name, g in zip(params, expected):
         torch.testing.assert_close(grads[name], g, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(per_sample, torch.stack([loss(params, x[:, b:b + 1]) for b in range(2)]))
+
+
+_THREADS_SCRIPT = """
+import threading, torch, egru
+torch.manual_seed(0)
+model = egru.EGRU(16, 64, num_layers=2, backend="event")
+x = torch.rand(8, 4, 16) * (torch.rand(8, 4, 16) < 0.3)
+expected = model(x)[0].detach()
+failures = []
+
+def work():
+    for _ in range(20):
+        out = model(x)[0]
+        out.sum().backward()
+        if not torch.equal(out.detach(), expected):
+            failures.append("different output")
+
+threads = [threading.Thread(target=work) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+import numba
+print(numba.threading_layer(), "failures", len(failures))
+assert not failures
+"""
+
+
+@pytest.mark.parametrize("layer", ["default", "workqueue"])
+def test_several_python_threads_share_a_layer(layer):
+    """Two Python threads calling one layer at once: on numba's ``workqueue`` threading layer
+    (not thread-safe: it used to abort the process) calls are serialised; elsewhere they run
+    concurrently. In a fresh process, since the threading layer is chosen once per process."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, NUMBA_NUM_THREADS="2")
+    if layer != "default":
+        env["NUMBA_THREADING_LAYER"] = layer
+    proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "failures 0" in proc.stdout
+    if layer != "default":
+        assert proc.stdout.startswith(layer)
