@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from egru import cli, data
-from egru.recipes import lm
+from egru.recipes import lm, plots
 
 from conftest import data_dir
 from lm_worker import REAL_LOAD_CORPUS, small_corpus, tiny_config
@@ -43,30 +44,150 @@ def test_a_few_steps_lower_the_loss(tmp_path, model):
         assert (tmp_path / "raster.png").exists() and (tmp_path / "activity.png").exists()
 
 
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    cfg = tiny_config(max_steps=8, eval_every=3, zoneout=0.1)  # dropouts on: the RNG state matters
-    lm.train_and_evaluate(cfg, tmp_path / "whole", progress=False)
+RESUMABLE = dict(max_steps=8, eval_every=3, zoneout=0.1)  # dropouts on: the RNG state matters
+EVAL_BATCHES = 17  # batches of an evaluation of the small valid or test split: (800 // 4 - 1) / 12
 
+
+def run_records(run_dir):
+    """Every record of metrics.jsonl but the timings."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("tokens_per_second", None)
+    return records
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    monkeypatch.setattr(plots, "plot_language_model_run", lambda *args: None)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("whole")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "load_corpus", small_corpus)
+        patch.setattr(plots, "plot_language_model_run", lambda *args: None)
+        result = lm.train_and_evaluate(tiny_config(**RESUMABLE), run_dir, progress=False)
+    return run_dir, result
+
+
+# Where Ctrl-C lands: each function patches ``tick`` into the training run at one point.
+
+def _before_forward(patch, tick):
+    _on_forward(patch, tick, training=True)
+
+
+def _during_evaluation(patch, tick):
+    _on_forward(patch, tick, training=False)
+
+
+def _on_forward(patch, tick, training):
+    forward = lm.LanguageModel.forward
+
+    def patched(self, *args, **kwargs):
+        if self.training == training:
+            tick()
+        return forward(self, *args, **kwargs)
+
+    patch.setattr(lm.LanguageModel, "forward", patched)
+
+
+def _inside_forward(patch, tick):  # once a dropout mask has been drawn
+    dropout = lm.locked_dropout
+
+    def patched(x, p, training):
+        out = dropout(x, p, training)
+        if training:
+            tick()
+        return out
+
+    patch.setattr(lm, "locked_dropout", patched)
+
+
+def _inside_backward(patch, tick):  # after the decoder's gradient, before the recurrent layers'
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def patched(logits, *args, **kwargs):
+        if logits.requires_grad:
+            logits.register_hook(lambda grad: tick())
+        return cross_entropy(logits, *args, **kwargs)
+
+    patch.setattr(torch.nn.functional, "cross_entropy", patched)
+
+
+def _after_backward(patch, tick):
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def patched(*args, **kwargs):
+        tick()
+        return clip(*args, **kwargs)
+
+    patch.setattr(torch.nn.utils, "clip_grad_norm_", patched)
+
+
+def _inside_optimizer_step(patch, tick):  # parameters updated, thresholds not yet clamped
+    make_optimizer = lm.make_optimizer
+
+    def patched(model, cfg):
+        optimizer = make_optimizer(model, cfg)
+        optimizer.register_step_post_hook(lambda *args: tick())
+        return optimizer
+
+    patch.setattr(lm, "make_optimizer", patched)
+
+
+def _writing_a_checkpoint(patch, tick):  # written to the temporary file, not yet renamed
+    save = torch.save
+
+    def patched(*args, **kwargs):
+        save(*args, **kwargs)
+        tick()
+
+    patch.setattr(torch, "save", patched)
+
+
+@pytest.mark.parametrize("point,call,ctrl_c,saved_step", [
+    # point, the call of it that gets Ctrl-C, how many Ctrl-Cs, the step last.pt then holds
+    (_before_forward, 5, 1, 5),
+    (_inside_forward, 13, 1, 5),  # three dropouts per step: the first one of step 5
+    (_inside_backward, 5, 1, 5),
+    (_after_backward, 5, 1, 5),
+    (_inside_optimizer_step, 5, 1, 5),
+    (_during_evaluation, EVAL_BATCHES + 3, 1, 6),  # the validation after step 6: redone on resume
+    (_during_evaluation, 4 * EVAL_BATCHES + 3, 1, 8),  # the best model's final test evaluation
+    (_writing_a_checkpoint, 1, 1, 3),  # last.pt after step 3, before best.pt
+    (_writing_a_checkpoint, 6, 1, 8),  # best.pt after step 8 (every validation improves)
+    (_inside_backward, 5, 2, 3),  # a second Ctrl-C aborts at once: the checkpoint of step 3 stays
+], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+def test_ctrl_c_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, no_plots,
+                                                                  uninterrupted, point, call, ctrl_c,
+                                                                  saved_step):
+    whole, whole_result = uninterrupted
     calls = {"n": 0}
-    original = lm.chunk_length
 
-    def interrupt_at_step_5(cfg, rng):
+    def tick():
         calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(cfg, rng)
+        if calls["n"] == call:
+            for _ in range(ctrl_c):
+                os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(lm, "chunk_length", interrupt_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        lm.train_and_evaluate(cfg, tmp_path / "parts", progress=False)
-    assert torch.load(tmp_path / "parts" / "last.pt", weights_only=False)["position"]["step"] == 4
-    monkeypatch.setattr(lm, "chunk_length", original)
-    lm.train_and_evaluate(cfg, tmp_path / "parts", resume=True, progress=False)
-    assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "whole")
-    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["model"]
-    parts = torch.load(tmp_path / "parts" / "last.pt", weights_only=False)["model"]
-    for name in whole:
-        assert torch.equal(whole[name], parts[name]), name
+    with monkeypatch.context() as patch:
+        point(patch, tick)
+        with pytest.raises(KeyboardInterrupt):
+            lm.train_and_evaluate(tiny_config(**RESUMABLE), tmp_path, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    step = torch.load(tmp_path / "last.pt", weights_only=False)["position"]["step"]
+    result = lm.train_and_evaluate(tiny_config(**RESUMABLE), tmp_path, resume=True, progress=False)
+
+    assert run_records(tmp_path) == run_records(whole)
+    assert (result["valid"], result["test"]) == (whole_result["valid"], whole_result["test"])
+    for name in ("last.pt", "best.pt"):
+        expected = torch.load(whole / name, weights_only=False)
+        got = torch.load(tmp_path / name, weights_only=False)
+        assert got["position"] == expected["position"], name
+        for key, value in expected["model"].items():
+            assert torch.equal(got["model"][key], value), (name, key)
+    assert step == saved_step  # Ctrl-C landed where this case meant it to
 
 
 def test_evaluating_the_checkpoint_reproduces_the_logged_validation_perplexity(tmp_path, capsys):

@@ -6,14 +6,48 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import egru
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, ``egru <command>: error: ...`` (exit status 2),
+    like every other error of the command; ``--help`` still shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer from ``low`` to ``high`` (None: no upper bound)."""
+    expected = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _backend(name: str) -> str:
+    if name not in egru.available_backends():
+        raise argparse.ArgumentTypeError(
+            f"unknown backend {name!r}; expected one of {egru.available_backends()}")
+    return name
 
 
 def _demo(args) -> int:
     from egru.recipes import mnist1d
 
     cfg = mnist1d.DemoConfig(**_overrides(args, mnist1d.DemoConfig))
+    if args.json and not Path(args.json).parent.is_dir():  # found out now, not after training
+        raise ValueError(f"cannot write {args.json}: its folder does not exist")
     if args.threads:
         import torch
 
@@ -89,7 +123,7 @@ def _eval_lm(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="egru", description="Event-based GRUs: activity-sparse RNNs.")
+    parser = _Parser(prog="egru", description="Event-based GRUs: activity-sparse RNNs.")
     parser.add_argument("--version", action="version", version=f"egru {egru.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -97,13 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train a small EGRU and a torch.nn.GRU of the same size on "
                                       "MNIST-1D (generated locally) and compare accuracy, sparsity "
                                       "and multiply-accumulates.")
-    demo.add_argument("--seed", type=int, help="random seed (default 0)")
-    demo.add_argument("--epochs", type=int, help="training epochs for each model")
-    demo.add_argument("--hidden-size", type=int, help="units in each recurrent layer")
-    demo.add_argument("--train-size", type=int, help="training sequences to use (at most 4000)")
-    demo.add_argument("--test-size", type=int, help="test sequences to use (at most 1000)")
-    demo.add_argument("--backend", help=f"EGRU backend, one of {egru.available_backends()}")
-    demo.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    demo.add_argument("--seed", type=_int_in(0, 2**32 - 1), help="random seed (default 0)")
+    demo.add_argument("--epochs", type=_int_in(1), help="training epochs for each model")
+    demo.add_argument("--hidden-size", type=_int_in(1), help="units in each recurrent layer")
+    demo.add_argument("--train-size", type=_int_in(1, 4000),
+                      help="training sequences to use (at most 4000)")
+    demo.add_argument("--test-size", type=_int_in(1, 1000), help="test sequences to use (at most 1000)")
+    demo.add_argument("--backend", type=_backend, help=f"EGRU backend, one of {egru.available_backends()}")
+    demo.add_argument("--threads", type=_int_in(0), default=0,
+                      help="torch threads (default: torch's choice)")
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
@@ -138,14 +174,18 @@ def _data_arguments(parser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exited:  # --help, --version, or a usage error (already printed)
+        return exited.code
+    name = " ".join(filter(None, ["egru", args.command, getattr(args, "task", None)]))
     try:
         return args.run(args)
-    except (ValueError, ImportError) as err:
-        print(f"egru {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, ImportError, OSError) as err:  # OSError: say, a file that cannot be written
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"egru {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -1,11 +1,14 @@
-"""What every training recipe shares: seeding, atomic checkpoints, metrics, progress, ranks."""
+"""What every training recipe shares: seeding, atomic checkpoints, metrics, progress, ranks,
+Ctrl-C at a consistent point."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +67,39 @@ def save_atomic(obj, path: Path) -> None:
         raise
 
 
+class DeferredInterrupt:
+    """Within ``with DeferredInterrupt() as interrupt:`` a first Ctrl-C (SIGINT) only sets
+    ``interrupt.requested``, for the training loop to stop at its next consistent point (a
+    KeyboardInterrupt could land anywhere, say between an optimizer step and the position that
+    says it was taken); a second Ctrl-C raises KeyboardInterrupt at once. Signals reach only the
+    main thread, so elsewhere, or where SIGINT is ignored, this changes nothing."""
+
+    MESSAGE = b"\nstopping at the next step boundary (Ctrl-C again aborts without saving)\n"
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous not in (signal.SIG_IGN, None):  # None: a handler not set from Python
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if is_main_process():
+            os.write(2, self.MESSAGE)  # not print(): the handler may interrupt a print to stderr
+
+
 def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -108,10 +144,13 @@ class MetricsLog:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records newer than ``step`` (a resumed run rewrites them)."""
-        kept = [r for r in self.read() if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    def keep(self, predicate) -> None:
+        """Keep only the records for which ``predicate(record)`` is true (a resumed run rewrites
+        the others)."""
+        text = "".join(json.dumps(r) + "\n" for r in self.read() if predicate(r))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.path)  # an interrupted rewrite leaves the old records, not half of them
 
     def close(self) -> None:
         if self.writer is not None:

@@ -23,8 +23,8 @@ from torch import nn
 import egru
 from egru import data
 
-from .common import (MetricsLog, default_device, is_main_process, progress_bar, rng_state,
-                     save_atomic, seed_everything, set_rng_state)
+from .common import (DeferredInterrupt, MetricsLog, default_device, is_main_process, progress_bar,
+                     rng_state, save_atomic, seed_everything, set_rng_state)
 
 CHECKPOINT_KIND = "egru-language-model"
 MODELS = ("egru", "gru", "lstm")
@@ -72,10 +72,32 @@ class LMConfig:
             raise ValueError(f"unknown model {self.model!r}; expected one of {MODELS}")
         if self.dataset not in data.CORPORA:
             raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {sorted(data.CORPORA)}")
+        if self.backend not in egru.available_backends():
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {egru.available_backends()}")
+        for name in ("embedding_size", "hidden_size", "num_layers", "batch_size", "eval_batch_size",
+                     "test_batch_size", "bptt", "epochs", "log_every"):
+            _check(self, name, "a positive integer", lambda v: isinstance(v, int) and v > 0)
+        _check(self, "max_steps", "a positive integer or None",
+               lambda v: v is None or (isinstance(v, int) and v > 0))
+        _check(self, "eval_every", "0 or a positive integer", lambda v: isinstance(v, int) and v >= 0)
+        _check(self, "seed", "an integer from 0 to 2**32 - 1",  # what numpy's seed accepts
+               lambda v: isinstance(v, int) and 0 <= v < 2**32)
+        # Comparisons with NaN are false: NaN is refused too.
+        for name in ("lr", "clip", "dampening_factor", "pseudo_derivative_support"):
+            _check(self, name, "a positive number", lambda v: v > 0 and math.isfinite(v))
+        for name in ("threshold_lr", "weight_decay"):
+            _check(self, name, "a number >= 0", lambda v: v >= 0 and math.isfinite(v))
+        _check(self, "beta2", "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _check(self, "constant_fraction", "a number in [0, 1]", lambda v: 0 <= v <= 1)
         for name in ("dropout_embedding", "dropout_words", "dropout_between", "dropout_output",
                      "dropconnect", "zoneout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+            _check(self, name, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def _check(cfg, name: str, expected: str, valid) -> None:
+    value = getattr(cfg, name)
+    if not valid(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 PRESETS = {
@@ -292,8 +314,9 @@ class StatsAccumulator:
 
 @torch.no_grad()
 def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int, bptt: int,
-             progress: bool = False) -> dict:
-    """Mean cross-entropy, perplexity and (EGRU) sparsity over a whole split."""
+             progress: bool = False, stop=lambda: False) -> Optional[dict]:
+    """Mean cross-entropy, perplexity and (EGRU) sparsity over a whole split; None when
+    ``stop()`` turns true between two batches (training's Ctrl-C: the evaluation is redone)."""
     model.eval()
     stream = batchify(ids, batch_size)
     state = model.initial_state(batch_size)
@@ -302,6 +325,10 @@ def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int, bptt: int
     record = model.cfg.model == "egru"
     bar = progress_bar(stream.shape[0] - 1, "evaluate", progress)
     for i in range(0, stream.shape[0] - 1, bptt):
+        if stop():
+            if bar is not None:
+                bar.close()
+            return None
         n = min(bptt, stream.shape[0] - 1 - i)
         inputs, targets = stream[i:i + n], stream[i + 1:i + 1 + n]
         logits, state, records = model(inputs, state, record=record)
@@ -335,6 +362,7 @@ class Position:
     row: int = 0  # next row of the batchified training stream
     step: int = 0
     best_valid: float = math.inf
+    validated_step: int = 0  # the last step validated (an interrupted validation is redone)
 
 
 def make_optimizer(model: LanguageModel, cfg: LMConfig) -> torch.optim.Optimizer:
@@ -345,6 +373,10 @@ def make_optimizer(model: LanguageModel, cfg: LMConfig) -> torch.optim.Optimizer
         groups.append({"params": thresholds, "lr": cfg.threshold_lr, "base_lr": cfg.threshold_lr,
                        "weight_decay": 0.0})
     return torch.optim.AdamW(groups, betas=(0.0, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+CHECKPOINT_KEYS = ("config", "vocab_size", "model", "optimizer", "position", "rng", "bptt_rng",
+                   "carried_state")
 
 
 def checkpoint_dict(cfg, vocab_size, model, optimizer, position, bptt_rng, carried) -> dict:
@@ -362,12 +394,25 @@ def checkpoint_dict(cfg, vocab_size, model, optimizer, position, bptt_rng, carri
 
 
 def load_checkpoint(path) -> dict:
+    """A checkpoint written by ``train_and_evaluate``; a ValueError for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        raise ValueError(f"checkpoint {path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # what torch.load raises on a foreign file depends on its bytes
+        raise ValueError(f"{path} is not an egru language-model checkpoint "
+                         f"({type(err).__name__}: {err})".replace("\n", " ")) from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"{path} is not an egru language-model checkpoint")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is an incomplete egru language-model checkpoint: "
+                         f"it lacks {', '.join(missing)}")
+    try:
+        LMConfig(**ckpt["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} holds a configuration this version cannot use: {err}") from None
     return ckpt
 
 
@@ -394,12 +439,23 @@ def _gather_columns(state, world_size: int):
     return map_state(gather, state)
 
 
+def _check_corpus_fits(cfg: LMConfig, corpus) -> None:
+    """Refuse batch sizes that leave a split without a single (input, target) pair."""
+    for name, split in (("batch_size", "train"), ("eval_batch_size", "valid"), ("test_batch_size", "test")):
+        tokens = corpus.split(split).numel()
+        if tokens // getattr(cfg, name) < 2:
+            raise ValueError(f"{name} {getattr(cfg, name)} is too large: {cfg.dataset}'s {split} "
+                             f"split has {tokens} tokens")
+
+
 def train_and_evaluate(cfg: LMConfig, run_dir, *, data_dir=None, download: bool = False,
                        resume: bool = False, progress: bool = True) -> dict:
     """Train a language model; return the final validation and test metrics.
 
     Checkpoints go to ``run_dir/last.pt`` (after every evaluation, at the end, and on Ctrl-C)
-    and ``run_dir/best.pt`` (best validation perplexity).
+    and ``run_dir/best.pt`` (best validation perplexity). A first Ctrl-C stops at the next step
+    boundary (abandoning an evaluation under way, which resuming redoes), saves ``last.pt``
+    there and raises KeyboardInterrupt; a second one raises at once and saves nothing.
     """
     run_dir = Path(run_dir)
     device = default_device()
@@ -407,7 +463,11 @@ def train_and_evaluate(cfg: LMConfig, run_dir, *, data_dir=None, download: bool 
     rank, world_size = world()
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world_size} processes")
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ValueError(f"{run_dir} already holds a run: continue it with --resume, "
+                         "or choose another --run-dir")
     corpus = data.load_corpus(cfg.dataset, data_dir, download)
+    _check_corpus_fits(cfg, corpus)
 
     ckpt = None
     if resume:
@@ -425,7 +485,8 @@ def train_and_evaluate(cfg: LMConfig, run_dir, *, data_dir=None, download: bool 
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        position = Position(**ckpt["position"])
+        # Checkpoints older than `validated_step` were all written after their step's validation.
+        position = Position(**{"validated_step": ckpt["position"]["step"], **ckpt["position"]})
         set_rng_state(ckpt["rng"])
         bptt_rng.setstate(ckpt["bptt_rng"])
         carried = map_state(lambda t: t.to(device), ckpt["carried_state"])
@@ -437,10 +498,13 @@ def train_and_evaluate(cfg: LMConfig, run_dir, *, data_dir=None, download: bool 
     log = MetricsLog(run_dir) if is_main_process() else None
     if log is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            log.truncate_after(position.step)
+        if resume:  # what comes after the checkpoint is redone, a finished run's summary too
+            log.keep(lambda r: r["step"] <= position.step and not r["split"].startswith("best_"))
     rows_per_epoch = train.shape[0] - 1
     total_rows = cfg.epochs * rows_per_epoch
+    # The ranks agree on Ctrl-C (one stopping alone would leave the others waiting in a
+    # collective) through a gloo group: a CPU all-reduce per step, which does not wait for a GPU.
+    flag_group = dist.new_group(backend="gloo") if distributed else None
 
     def save(*names: str) -> None:
         gathered = _gather_columns(carried, world_size)  # a collective: every rank takes part
@@ -450,93 +514,128 @@ def train_and_evaluate(cfg: LMConfig, run_dir, *, data_dir=None, download: bool 
             for name in names:
                 save_atomic(ckpt, run_dir / name)
 
+    def finished() -> bool:
+        return position.epoch >= cfg.epochs or (cfg.max_steps is not None and position.step >= cfg.max_steps)
+
+    def validation_due() -> bool:
+        if position.validated_step == position.step:
+            return False
+        if cfg.eval_every:
+            return position.step % cfg.eval_every == 0 or finished()
+        return position.row == 0 or finished()  # row 0: an epoch has just ended
+
     def validate() -> None:
-        improved = False
+        """Validate on the main process (the others wait in save()) and checkpoint. A validation
+        abandoned for Ctrl-C stays due in the checkpoint."""
+        improved, done = False, True
         if is_main_process():
-            result = evaluate(model, corpus.valid.to(device), cfg.eval_batch_size, cfg.bptt)
-            log.write({"step": position.step, "epoch": position.epoch, "split": "valid",
-                       "loss": result["loss"], "perplexity": result["perplexity"],
-                       "layers": result["layers"]})
-            improved = result["perplexity"] < position.best_valid
-            position.best_valid = min(position.best_valid, result["perplexity"])
+            result = evaluate(model, corpus.valid.to(device), cfg.eval_batch_size, cfg.bptt,
+                              stop=lambda: interrupt.requested)
             model.train()
+            done = result is not None
+            if done:
+                log.write({"step": position.step, "epoch": position.epoch, "split": "valid",
+                           "loss": result["loss"], "perplexity": result["perplexity"],
+                           "layers": result["layers"]})
+                improved = result["perplexity"] < position.best_valid
+                position.best_valid = min(position.best_valid, result["perplexity"])
+        if done:
+            position.validated_step = position.step
         save("last.pt", "best.pt") if improved else save("last.pt")
+
+    def stop_requested() -> bool:
+        """Whether Ctrl-C reached any rank; every rank calls this at the same points."""
+        if not distributed:
+            return interrupt.requested
+        flag = torch.tensor([float(interrupt.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=flag_group)
+        return flag.item() > 0
+
+    def stop():
+        """End the run as Ctrl-C does, saying how to continue it."""
+        if is_main_process():
+            print(f"\ninterrupted at step {position.step}: continue from {run_dir / 'last.pt'} with --resume")
+        raise KeyboardInterrupt
 
     bar = progress_bar(total_rows, "train", progress, initial=position.epoch * rows_per_epoch + position.row)
     train_seconds, tokens_seen = 0.0, 0
     stats = StatsAccumulator()
-    try:
-        model.train()
-        while position.epoch < cfg.epochs and (cfg.max_steps is None or position.step < cfg.max_steps):
-            n = min(chunk_length(cfg, bptt_rng), rows_per_epoch - position.row)
-            inputs = train[position.row:position.row + n]
-            targets = train[position.row + 1:position.row + 1 + n]
-            progress_done = (position.epoch * rows_per_epoch + position.row) / total_rows
-            for group in optimizer.param_groups:  # AWD: the learning rate follows the chunk length
-                group["lr"] = group["base_lr"] * lr_factor(progress_done, cfg.constant_fraction) * n / cfg.bptt
-            if cfg.reset_state_per_chunk:
-                carried = model.initial_state(inputs.shape[1])
-            step_start = time.perf_counter()
-            record = cfg.model == "egru" and position.step % cfg.log_every == 0
-            logits, carried, records = net(inputs, carried, record=record)
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
-            carried = map_state(torch.Tensor.detach, carried)  # truncated BPTT
-            train_seconds += time.perf_counter() - step_start
-            position.row += n
-            position.step += 1
-            tokens_seen += targets.numel() * world_size
-            if record:
-                stats.add(records, targets.numel())
-            if position.step % cfg.log_every == 0 or position.step == 1:
-                value = loss.detach().clone()
-                if distributed:
-                    dist.all_reduce(value)
-                    value /= world_size
-                entry = {"step": position.step, "epoch": position.epoch, "split": "train",
-                         "loss": value.item(), "perplexity": math.exp(value.item()),
-                         "lr": optimizer.param_groups[0]["lr"],
-                         "tokens_per_second": tokens_seen / max(train_seconds, 1e-9)}
-                if stats.layers:
-                    entry["layers"] = stats.summary()
-                    stats = StatsAccumulator()
-                if log is not None:
-                    log.write(entry)
-                if bar is not None:
-                    activity = ""
-                    if "layers" in entry:
-                        mean = sum(v["activity"] for v in entry["layers"].values()) / len(entry["layers"])
-                        activity = f"{mean:.1%}"
-                    bar.set_postfix(loss=f"{entry['loss']:.3f}", ppl=f"{entry['perplexity']:.0f}",
-                                    tok_s=f"{entry['tokens_per_second']:.0f}", act=activity, refresh=False)
-            if bar is not None:
-                bar.update(n)
-            if position.row >= rows_per_epoch:
-                position.epoch += 1
-                position.row = 0
-                if cfg.eval_every == 0:
-                    validate()
-            if cfg.eval_every and position.step % cfg.eval_every == 0:
-                validate()
-    except KeyboardInterrupt:
-        save("last.pt")
-        if is_main_process():
-            print(f"\ninterrupted: checkpoint saved to {run_dir / 'last.pt'}; continue with --resume")
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if not (cfg.eval_every == 0 and position.row == 0):  # else the epoch's end just validated
-        validate()
     result = {}
+    with DeferredInterrupt() as interrupt:
+        try:
+            model.train()
+            while True:
+                # A step boundary: the only place where the position, the parameters, the
+                # optimizer, the random generators and the carried state all agree.
+                if validation_due():
+                    validate()
+                if stop_requested():
+                    save("last.pt")
+                    stop()
+                if finished():
+                    break
+                n = min(chunk_length(cfg, bptt_rng), rows_per_epoch - position.row)
+                inputs = train[position.row:position.row + n]
+                targets = train[position.row + 1:position.row + 1 + n]
+                progress_done = (position.epoch * rows_per_epoch + position.row) / total_rows
+                for group in optimizer.param_groups:  # AWD: the learning rate follows the chunk length
+                    group["lr"] = group["base_lr"] * lr_factor(progress_done, cfg.constant_fraction) * n / cfg.bptt
+                if cfg.reset_state_per_chunk:
+                    carried = model.initial_state(inputs.shape[1])
+                step_start = time.perf_counter()
+                record = cfg.model == "egru" and position.step % cfg.log_every == 0
+                logits, carried, records = net(inputs, carried, record=record)
+                loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                optimizer.step()
+                carried = map_state(torch.Tensor.detach, carried)  # truncated BPTT
+                train_seconds += time.perf_counter() - step_start
+                position.row += n
+                position.step += 1
+                tokens_seen += targets.numel() * world_size
+                if record:
+                    stats.add(records, targets.numel())
+                if position.step % cfg.log_every == 0 or position.step == 1:
+                    value = loss.detach().clone()
+                    if distributed:
+                        dist.all_reduce(value)
+                        value /= world_size
+                    entry = {"step": position.step, "epoch": position.epoch, "split": "train",
+                             "loss": value.item(), "perplexity": math.exp(value.item()),
+                             "lr": optimizer.param_groups[0]["lr"],
+                             "tokens_per_second": tokens_seen / max(train_seconds, 1e-9)}
+                    if stats.layers:
+                        entry["layers"] = stats.summary()
+                        stats = StatsAccumulator()
+                    if log is not None:
+                        log.write(entry)
+                    if bar is not None:
+                        activity = ""
+                        if "layers" in entry:
+                            mean = sum(v["activity"] for v in entry["layers"].values()) / len(entry["layers"])
+                            activity = f"{mean:.1%}"
+                        bar.set_postfix(loss=f"{entry['loss']:.3f}", ppl=f"{entry['perplexity']:.0f}",
+                                        tok_s=f"{entry['tokens_per_second']:.0f}", act=activity, refresh=False)
+                if bar is not None:
+                    bar.update(n)
+                if position.row >= rows_per_epoch:
+                    position.epoch += 1
+                    position.row = 0
+        finally:
+            if bar is not None:
+                bar.close()
+        if is_main_process():  # the best model's final evaluations, by the main process alone
+            result["config"] = dataclasses.asdict(cfg)
+            best = model_from_checkpoint(load_checkpoint(run_dir / "best.pt")).to(device)
+            for split, batch_size, shown in (("valid", cfg.eval_batch_size, False),
+                                             ("test", cfg.test_batch_size, progress)):
+                result[split] = evaluate(best, corpus.split(split).to(device), batch_size, cfg.bptt,
+                                         shown, stop=lambda: interrupt.requested)
+        if stop_requested():  # the other ranks wait here for the main one
+            stop()  # last.pt, from the last validation, already holds the finished training
     if is_main_process():
-        result["config"] = dataclasses.asdict(cfg)
-        best = model_from_checkpoint(load_checkpoint(run_dir / "best.pt")).to(device)
-        result["valid"] = evaluate(best, corpus.valid.to(device), cfg.eval_batch_size, cfg.bptt)
-        result["test"] = evaluate(best, corpus.test.to(device), cfg.test_batch_size, cfg.bptt, progress)
         result["train_tokens_per_second"] = tokens_seen / max(train_seconds, 1e-9)
         for split in ("valid", "test"):
             log.write({"step": position.step, "epoch": position.epoch, "split": f"best_{split}",
@@ -549,8 +648,6 @@ def train_and_evaluate(cfg: LMConfig, run_dir, *, data_dir=None, download: bool 
             plot_language_model_run(run_dir, best, corpus, device)
         except ImportError:
             print("matplotlib is not installed: no plots (pip install 'egru[plots]')")
-    if distributed:
-        dist.barrier()
     return result
 
 
