@@ -29,12 +29,19 @@ one forward+backward, above what was held before, from the profiler's memory eve
     python benchmarks/speed.py --quick                    # a small subset
     python benchmarks/speed.py --support-k 10 ...         # a narrower surrogate support
     python benchmarks/speed.py --markdown speed.json      # a results file as a markdown table
+    python benchmarks/speed.py --busy 2 ...               # beside two CPU-bound processes
+
+``--busy N`` starts N processes that spin on the CPU (another job using the cores) before the
+timings and stops them after: a user's machine is rarely idle, and code that synchronises its
+threads often can stall whenever one of them is descheduled.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -43,6 +50,26 @@ import time
 import torch
 
 import egru
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def busy_cores(n: int):
+    """``n`` CPU-bound competitor processes for the duration of the block."""
+    ctx = multiprocessing.get_context("spawn")  # not a fork of this process's thread pools
+    procs = [ctx.Process(target=_spin, daemon=True) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.join()
 
 
 def median_times(fns, repeats: int) -> list:
@@ -281,6 +308,8 @@ def main(argv=None) -> None:
     parser.add_argument("--reference-max-hidden", type=int, default=256,
                         help="largest H the (slow) reference backend is timed at")
     parser.add_argument("--quick", action="store_true", help="H=256, activities 0.5 and 0.1, 3 repeats")
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="time beside N CPU-bound competitor processes (default 0: none)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--markdown", metavar="JSON", help="print a results file as a markdown table and exit")
     args = parser.parse_args(argv)
@@ -297,10 +326,11 @@ def main(argv=None) -> None:
         numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
-    info = machine()
+    info = {**machine(), "busy_processes": args.busy}
     print(json.dumps(info))
-    rows = run(args.batch, args.hidden, args.activity, args.backends, args.steps, args.repeats,
-               args.reference_max_hidden, args.input, args.support_k)
+    with busy_cores(args.busy):
+        rows = run(args.batch, args.hidden, args.activity, args.backends, args.steps, args.repeats,
+                   args.reference_max_hidden, args.input, args.support_k)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": info, "args": vars(args), "rows": rows}, f, indent=1)
