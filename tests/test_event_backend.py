@@ -563,3 +563,30 @@ def test_several_python_threads_share_a_layer(layer):
     assert "failures 0" in proc.stdout
     if layer != "default":
         assert proc.stdout.startswith(layer)
+
+
+def test_backward_in_either_thread_mode_equals_the_reference():
+    """The serial twin of the backward kernel (and of the sparse weight gradients) is chosen
+    by measurement at run time: both modes agree with the reference."""
+    tensors = random_layer(5, 3, 4, 6, torch.float64, seed=11, y0_density=0.2)
+    ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, Triangle())
+    saved = event.thread_modes
+    try:
+        for parallel in (True, False):
+            event.thread_modes = _FixedMode(parallel)
+            got, got_grads = layer_with_grads(event.egru_layer_event, tensors, Triangle())
+            for a, b in zip(got_grads, ref_grads):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    finally:
+        event.thread_modes = saved
+
+
+class _FixedMode:
+    def __init__(self, parallel):
+        self.parallel = parallel
+
+    def choose(self, key):
+        return self.parallel
+
+    def record(self, key, parallel, seconds_per_step):
+        assert parallel == self.parallel

@@ -610,44 +610,6 @@ def _sparse_dense_product(start, idx, vals, dense, bias, out, tile_rows):
                 cursor[m - lo] = last
 
 
-# The two products below are compositions of parallel kernels, called one after the other
-# from Python. They are not jitted themselves: a cached function without ``parallel=True``
-# that calls cached parallel ones does not start numba's thread pool when it is loaded from
-# the cache (the pool is started by the loader of a parallel function's own entry, which its
-# callers do not inherit once the callee itself came from the cache), and the process then
-# crashes at the first parallel region. So every parallel kernel here is an entry point
-# called from Python, and no jitted function calls a parallel one.
-
-
-def sparse_input_product(x, w_ih_t, b_ih, rows, out):
-    """Event-driven input product for a sparse input (a stacked layer's input is a ``y``).
-
-    x (N, I) with N = T·B; w_ih_t (I, G) = W_ih transposed; b_ih (G,); rows (N,) bool:
-    rows to compute (the others, padded steps, get ``b_ih``). Writes out (N, G) =
-    ``b_ih + Σ_{j: x[n, j] ≠ 0} x[n, j]·W_ih[:, j]`` and returns the MACs done, ``G·nnz``.
-    ``w_ih_t`` is read in one tile: it is used by every row and stays in the last-level cache
-    (tiles were no faster).
-    """
-    start, idx, vals = _nonzeros_by_row(x, rows)
-    _sparse_dense_product(start, idx, vals, w_ih_t, b_ih, out, w_ih_t.shape[0])
-    return out.shape[1] * int(start[x.shape[0]])
-
-
-def sparse_weight_grad(x, d_out, rows, tile_rows, d_w_t):
-    """``d_w_t[j] = Σ_{n: x[n, j] ≠ 0} x[n, j]·d_out[n]``: the weight gradient of a product
-    with a sparse input, ``xᵀ·d_out`` over the nonzeros of x.
-
-    x (N, I), d_out (N, G), rows (N,) bool: rows that count (padded steps do not); d_out is
-    read in tiles of tile_rows rows (see :func:`_sparse_dense_product`); writes d_w_t (I, G).
-    Returns the MACs done.
-    """
-    start, idx, vals = _nonzeros_by_row(x, rows)
-    t_start, t_idx, t_vals = _transpose_sparse(start, idx, vals, x.shape[1])
-    _sparse_dense_product(t_start, t_idx, t_vals, d_out, np.zeros(d_out.shape[1], d_out.dtype),
-                          d_w_t, tile_rows)
-    return d_out.shape[1] * int(start[x.shape[0]])
-
-
 def _renamed(kernel, name):
     """The Python function of a kernel under another name (getattr: with NUMBA_DISABLE_JIT=1
     the decorated kernels are the Python functions themselves). numba's on-disk cache keys a
@@ -661,8 +623,63 @@ def _renamed(kernel, name):
     return twin
 
 
-# The serial twin of the forward kernel, for one sample or a single numba thread: no
-# parallel region at all (a region per call costs more than one sample's sequence at high
-# sparsity, and a sample cannot be split across threads without a barrier per step, which a
-# busy core turns into a stall of every step).
-layer_forward_serial = _jit(fastmath=_CONTRACT)(_renamed(layer_forward, "layer_forward_serial"))
+def _serial_twin(kernel, **options):
+    """The kernel compiled without ``parallel=True`` (``prange`` is then ``range``), under a
+    name of its own."""
+    name = getattr(kernel, "py_func", kernel).__name__ + "_serial"
+    return _jit(**options)(_renamed(kernel, name))
+
+
+# Serial twins of the parallel kernels: no parallel region at all. For one sample, a single
+# numba thread, and wherever the parallel kernel is measured to be slower (the backward pass
+# synchronises the threads twice per step, which a core busy with another process turns into
+# a stall of every step; see egru.kernels.event.ThreadModes).
+layer_forward_serial = _serial_twin(layer_forward, fastmath=_CONTRACT)
+layer_backward_serial = _serial_twin(layer_backward, fastmath=_CONTRACT)
+_nonzeros_by_row_serial = _serial_twin(_nonzeros_by_row)
+_sparse_dense_product_serial = _serial_twin(_sparse_dense_product, fastmath=_CONTRACT)
+
+
+# The two products below are compositions of parallel kernels, called one after the other
+# from Python. They are not jitted themselves: a cached function without ``parallel=True``
+# that calls cached parallel ones does not start numba's thread pool when it is loaded from
+# the cache (the pool is started by the loader of a parallel function's own entry, which its
+# callers do not inherit once the callee itself came from the cache), and the process then
+# crashes at the first parallel region. So every parallel kernel here is an entry point
+# called from Python, and no jitted function calls a parallel one.
+
+
+def sparse_input_product(x, w_ih_t, b_ih, rows, out, parallel=True):
+    """Event-driven input product for a sparse input (a stacked layer's input is a ``y``).
+
+    x (N, I) with N = T·B; w_ih_t (I, G) = W_ih transposed; b_ih (G,); rows (N,) bool:
+    rows to compute (the others, padded steps, get ``b_ih``). Writes out (N, G) =
+    ``b_ih + Σ_{j: x[n, j] ≠ 0} x[n, j]·W_ih[:, j]`` and returns the MACs done, ``G·nnz``.
+    ``w_ih_t`` is read in one tile: it is used by every row and stays in the last-level cache
+    (tiles were no faster). parallel: the parallel kernels, or their serial twins.
+    """
+    nonzeros, product = _sparse_kernels(parallel)
+    start, idx, vals = nonzeros(x, rows)
+    product(start, idx, vals, w_ih_t, b_ih, out, w_ih_t.shape[0])
+    return out.shape[1] * int(start[x.shape[0]])
+
+
+def sparse_weight_grad(x, d_out, rows, tile_rows, d_w_t, parallel=True):
+    """``d_w_t[j] = Σ_{n: x[n, j] ≠ 0} x[n, j]·d_out[n]``: the weight gradient of a product
+    with a sparse input, ``xᵀ·d_out`` over the nonzeros of x.
+
+    x (N, I), d_out (N, G), rows (N,) bool: rows that count (padded steps do not); d_out is
+    read in tiles of tile_rows rows (see :func:`_sparse_dense_product`); writes d_w_t (I, G).
+    Returns the MACs done. parallel: as in :func:`sparse_input_product`.
+    """
+    nonzeros, product = _sparse_kernels(parallel)
+    start, idx, vals = nonzeros(x, rows)
+    t_start, t_idx, t_vals = _transpose_sparse(start, idx, vals, x.shape[1])
+    product(t_start, t_idx, t_vals, d_out, np.zeros(d_out.shape[1], d_out.dtype), d_w_t, tile_rows)
+    return d_out.shape[1] * int(start[x.shape[0]])
+
+
+def _sparse_kernels(parallel):
+    if parallel:
+        return _nonzeros_by_row, _sparse_dense_product
+    return _nonzeros_by_row_serial, _sparse_dense_product_serial

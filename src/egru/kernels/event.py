@@ -47,6 +47,7 @@ import functools
 import importlib
 import os
 import threading
+import time
 import warnings
 import weakref
 from typing import Optional
@@ -59,7 +60,8 @@ except ImportError:  # not on Windows: first compilations are not serialised acr
 import numpy as np
 import torch
 
-from ..functional import LayerOutput, egru_layer, reverse_padded, valid_steps
+from ..functional import LayerOutput, egru_layer, reverse_padded
+from ..thread_modes import ThreadModes
 from ..state import EGRUState
 from ..surrogate import Triangle
 
@@ -150,6 +152,9 @@ def _cache_lock(kernel):
 
 
 call = KernelCalls()
+
+
+thread_modes = ThreadModes()
 
 
 def unsupported(x: torch.Tensor, weight_hh: torch.Tensor, surrogate) -> Optional[str]:
@@ -299,13 +304,15 @@ def _forward_pass(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zmask, zone
     # when caches are cold (after other models ran)
     len_np = np.full(B, T, np.int64) if lengths is None else lengths.numpy()
     x_np = x2.contiguous().numpy()
+    # one sample, or one thread: no parallel region at all (see the serial twins' note)
+    parallel = B > 1 and K.numba.get_num_threads() > 1
     dense_forward = dense_forward or not _finite(w_hh)
     if np.count_nonzero(x_np) < SPARSE_INPUT_DENSITY * x_np.size and _finite(w_ih):
         gates = torch.empty(T * B, G, dtype=x.dtype)
         valid = np.arange(T)[:, None] < len_np[None, :]
         counters.input += call(K.sparse_input_product, x.dtype, x_np,
                                _transposed.get(w_ih).numpy(), b_ih_.contiguous().numpy(),
-                               valid.reshape(-1), gates.numpy())
+                               valid.reshape(-1), gates.numpy(), parallel)
         gates = gates.view(T, B, G)
     else:
         gates = torch.addmm(b_ih_, x2, w_ih.detach().t()).view(T, B, G)
@@ -327,10 +334,9 @@ def _forward_pass(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zmask, zone
                                  y0.detach(), c0.detach(), len_np, zmode, zm, float(zoneout_p),
                                  y, c_hat, gh_n, e, y_last, c_last)
     else:
-        # whole samples per thread; one sample (or one thread) runs serially
-        serial = B == 1 or K.numba.get_num_threads() == 1
+        # whole samples per thread: one parallel region per call
         macs = np.zeros(B, np.int64)
-        call(K.layer_forward_serial if serial else K.layer_forward, x.dtype,
+        call(K.layer_forward if parallel else K.layer_forward_serial, x.dtype,
              gates.numpy(), w_hh_t.numpy(), b_hh_.contiguous().numpy(), theta_.numpy(),
              y0.detach().contiguous().numpy(), c0.detach().contiguous().numpy(), len_np, zmode,
              zm.numpy(), float(zoneout_p), y.numpy(), c_hat.numpy(), gh_n.numpy(), e.numpy(),
@@ -389,11 +395,16 @@ class _EventLayer(torch.autograd.Function):
         d_y0 = torch.empty(B, H, dtype=x.dtype)
         d_c0 = torch.empty_like(d_y0)
         macs = torch.zeros(H, dtype=torch.int64)
-        call(
-            K.layer_backward, x.dtype, gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0_.numpy(), theta_.numpy(),
-            ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
-            *grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)),
-            d_gi.numpy(), d_theta.numpy(), d_y0.numpy(), d_c0.numpy(), macs.numpy())
+        mode_key = ("backward", B, H, x.dtype)
+        parallel = K.numba.get_num_threads() > 1 and thread_modes.choose(mode_key)
+        start = time.perf_counter()
+        call(K.layer_backward if parallel else K.layer_backward_serial, x.dtype,
+             gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0_.numpy(), theta_.numpy(),
+             ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
+             *grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)),
+             d_gi.numpy(), d_theta.numpy(), d_y0.numpy(), d_c0.numpy(), macs.numpy())
+        if K.numba.get_num_threads() > 1:
+            thread_modes.record(mode_key, parallel, (time.perf_counter() - start) / max(T, 1))
         counters.backward_recurrent += int(macs.sum())
 
         need = ctx.needs_input_grad
@@ -402,7 +413,7 @@ class _EventLayer(torch.autograd.Function):
         # dx is skipped when x needs no gradient (a first layer's input is data)
         dx = d_gi2.mm(w_ih.detach()).view(T, B, I) if need[0] else None
         valid = (torch.from_numpy(len_np) > torch.arange(T).unsqueeze(1)).view(-1)
-        d_w_ih = _weight_grad(K, x2, d_gi2, valid)[0] if need[3] else None
+        d_w_ih = _weight_grad(K, x2, d_gi2, valid, parallel)[0] if need[3] else None
         need_b_ih, need_b_hh = has_b_ih and need[5], has_b_hh and need[6]
         d_b_ih = d_gi2.sum(0) if need_b_ih or need_b_hh else None
         # the gradient of W_hh y_{t-1} + b_hh equals d_gi but for the reset gate's factor on
@@ -411,7 +422,7 @@ class _EventLayer(torch.autograd.Function):
         d_w_hh = d_b_hh = None
         if need[4]:
             y_prev = torch.cat([y0_.unsqueeze(0), y[:-1]]).view(T * B, H)
-            d_w_hh, macs = _weight_grad(K, y_prev, d_gi2, valid)
+            d_w_hh, macs = _weight_grad(K, y_prev, d_gi2, valid, parallel)
             counters.backward_weight += macs
         if need_b_hh:  # the same as d_b_ih but for the n rows
             d_b_hh = torch.cat([d_b_ih[:2 * H], d_gi2[:, 2 * H:].sum(0)])
@@ -428,10 +439,11 @@ SPARSE_WEIGHT_GRAD_DENSITY = 0.25
 WEIGHT_GRAD_TILE_BYTES = 1 << 20
 
 
-def _weight_grad(K, x2, d_out2, valid):
+def _weight_grad(K, x2, d_out2, valid, parallel):
     """``Σ_n d_out[n] ⊗ x[n]`` (G, I) from x2 (N, I) and d_out2 (N, G) over the rows where
     valid (N,) is true (d_out is zero at the others), and the MACs done: one dense matmul, or
-    event-driven over the nonzeros of x when they are few (SPARSE_WEIGHT_GRAD_DENSITY)."""
+    event-driven over the nonzeros of x when they are few (SPARSE_WEIGHT_GRAD_DENSITY), with
+    the parallel kernels or their serial twins (as the backward pass chose)."""
     N, I = x2.shape
     G = d_out2.shape[1]
     sparse = float(torch.count_nonzero(x2)) < SPARSE_WEIGHT_GRAD_DENSITY * max(x2.numel(), 1)
@@ -442,7 +454,7 @@ def _weight_grad(K, x2, d_out2, valid):
     d_w_t = torch.empty(I, G, dtype=x2.dtype)
     tile_rows = max(1, WEIGHT_GRAD_TILE_BYTES // (G * x2.element_size()))
     macs = call(K.sparse_weight_grad, x2.dtype, x2.contiguous().numpy(),
-                d_out2.contiguous().numpy(), valid.numpy(), tile_rows, d_w_t.numpy())
+                d_out2.contiguous().numpy(), valid.numpy(), tile_rows, d_w_t.numpy(), parallel)
     return d_w_t.t(), int(macs)
 
 
@@ -570,8 +582,10 @@ def egru_layer_auto(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold,
     activity = _last_activity.get(key, (None, 0.0))
     activity = activity[1] if activity[0] is not None and activity[0]() is threshold else 0.0
     out = _run_event(*args, **kwargs, dense_forward=not prefers_event(x.shape[1], activity))
-    with torch.no_grad():
-        valid = valid_steps(lengths, x.shape[0], x.shape[1], x.device)
-        fired = float(out.e.detach().sum())
-        _last_activity[key] = (weakref.ref(threshold), fired / max(float(valid.sum()) * out.e.shape[-1], 1.0))
+    # counted in numpy: a torch reduction of this size runs in torch's thread pool, whose
+    # synchronisation stalls when another process takes a core
+    T, B, H = out.e.shape
+    fired = np.count_nonzero(out.e.detach().numpy())
+    valid = T * B if lengths is None else int(np.minimum(np.asarray(lengths), T).sum())
+    _last_activity[key] = (weakref.ref(threshold), fired / max(valid * H, 1))
     return out

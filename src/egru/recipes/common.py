@@ -3,17 +3,21 @@ Ctrl-C at a consistent point."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from egru.thread_modes import ThreadModes
 
 
 def seed_everything(seed: int) -> None:
@@ -98,6 +102,32 @@ class DeferredInterrupt:
         self.requested = True
         if is_main_process():
             os.write(2, self.MESSAGE)  # not print(): the handler may interrupt a print to stderr
+
+
+class MeasuredTorchThreads:
+    """Runs each step of a loop with all of torch's intra-op threads or with one, whichever is
+    measured to be faster now (:class:`egru.thread_modes.ThreadModes`).
+
+    Small operations (a batch-1 evaluation's) synchronise torch's threads many times per step;
+    with another process on the cores that made evaluation several times slower than on one
+    thread, while on idle cores the threads win. ``with threads.step(key, units): ...``.
+    """
+
+    def __init__(self):
+        self.threads = torch.get_num_threads()
+        self.modes = ThreadModes()
+
+    @contextlib.contextmanager
+    def step(self, key, units: int):
+        parallel = self.threads > 1 and self.modes.choose(key)
+        torch.set_num_threads(self.threads if parallel else 1)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.threads)
+        if self.threads > 1:
+            self.modes.record(key, parallel, (time.perf_counter() - start) / max(units, 1))
 
 
 def is_main_process() -> bool:

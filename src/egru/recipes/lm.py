@@ -23,8 +23,9 @@ from torch import nn
 import egru
 from egru import data
 
-from .common import (DeferredInterrupt, MetricsLog, default_device, is_main_process, progress_bar,
-                     rng_state, save_atomic, seed_everything, set_rng_state)
+from .common import (DeferredInterrupt, MeasuredTorchThreads, MetricsLog, default_device,
+                     is_main_process, progress_bar, rng_state, save_atomic, seed_everything,
+                     set_rng_state)
 
 CHECKPOINT_KIND = "egru-language-model"
 MODELS = ("egru", "gru", "lstm")
@@ -324,6 +325,7 @@ def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int, bptt: int
     stats = StatsAccumulator()
     record = model.cfg.model == "egru"
     bar = progress_bar(stream.shape[0] - 1, "evaluate", progress)
+    threads = MeasuredTorchThreads()
     for i in range(0, stream.shape[0] - 1, bptt):
         if stop():
             if bar is not None:
@@ -331,8 +333,10 @@ def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int, bptt: int
             return None
         n = min(bptt, stream.shape[0] - 1 - i)
         inputs, targets = stream[i:i + n], stream[i + 1:i + 1 + n]
-        logits, state, records = model(inputs, state, record=record)
-        total_loss += nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        with threads.step(batch_size, n):
+            logits, state, records = model(inputs, state, record=record)
+            total_loss += nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                      reduction="sum").item()
         tokens += targets.numel()
         if record:
             stats.add(records, targets.numel())
