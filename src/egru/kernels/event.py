@@ -304,15 +304,24 @@ def _forward_pass(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zmask, zone
     # when caches are cold (after other models ran)
     len_np = np.full(B, T, np.int64) if lengths is None else lengths.numpy()
     x_np = x2.contiguous().numpy()
-    # one sample, or one thread: no parallel region at all (see the serial twins' note)
-    parallel = B > 1 and K.numba.get_num_threads() > 1
+    # Parallel regions are entered once per product (a descheduled thread can hold up each
+    # once, not once per step); the recurrent product of one sample runs serially, as its
+    # parallel form would synchronise the threads at every step.
+    parallel = K.numba.get_num_threads() > 1
     dense_forward = dense_forward or not _finite(w_hh)
     if np.count_nonzero(x_np) < SPARSE_INPUT_DENSITY * x_np.size and _finite(w_ih):
         gates = torch.empty(T * B, G, dtype=x.dtype)
         valid = np.arange(T)[:, None] < len_np[None, :]
+        # parallel or serial as measured: a short product is held up by a descheduled
+        # thread for longer than it takes on one
+        mode_key = ("input product", B, I, G, x.dtype)
+        parallel_input = parallel and thread_modes.choose(mode_key)
+        start = time.perf_counter()
         counters.input += call(K.sparse_input_product, x.dtype, x_np,
                                _transposed.get(w_ih).numpy(), b_ih_.contiguous().numpy(),
-                               valid.reshape(-1), gates.numpy(), parallel)
+                               valid.reshape(-1), gates.numpy(), parallel_input)
+        if parallel:
+            thread_modes.record(mode_key, parallel_input, (time.perf_counter() - start) / T)
         gates = gates.view(T, B, G)
     else:
         gates = torch.addmm(b_ih_, x2, w_ih.detach().t()).view(T, B, G)
@@ -336,7 +345,7 @@ def _forward_pass(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zmask, zone
     else:
         # whole samples per thread: one parallel region per call
         macs = np.zeros(B, np.int64)
-        call(K.layer_forward if parallel else K.layer_forward_serial, x.dtype,
+        call(K.layer_forward if parallel and B > 1 else K.layer_forward_serial, x.dtype,
              gates.numpy(), w_hh_t.numpy(), b_hh_.contiguous().numpy(), theta_.numpy(),
              y0.detach().contiguous().numpy(), c0.detach().contiguous().numpy(), len_np, zmode,
              zm.numpy(), float(zoneout_p), y.numpy(), c_hat.numpy(), gh_n.numpy(), e.numpy(),
