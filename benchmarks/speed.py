@@ -30,6 +30,7 @@ one forward+backward, above what was held before, from the profiler's memory eve
     python benchmarks/speed.py --support-k 10 ...         # a narrower surrogate support
     python benchmarks/speed.py --markdown speed.json      # a results file as a markdown table
     python benchmarks/speed.py --busy 2 ...               # beside two CPU-bound processes
+    python benchmarks/speed.py --load-table q.json b.json # quiet against busy forward times
 
 ``--busy N`` starts N processes that spin on the CPU (another job using the cores) before the
 timings and stops them after: a user's machine is rarely idle, and code that synchronises its
@@ -72,11 +73,14 @@ def busy_cores(n: int):
             proc.join()
 
 
-def median_times(fns, repeats: int) -> list:
+def median_times(fns, repeats: int, warmup: int = 1) -> list:
     """Median wall-clock seconds of each of ``fns``, called in turn (one call of each per
-    round), so that functions timed together see the same state of the machine."""
+    round), so that functions timed together see the same state of the machine, after
+    ``warmup`` calls of each (numba compilation, the allocator, and the event backward's
+    choice of thread mode, which times each mode twice before it settles)."""
     for fn in fns:
-        fn()  # warm-up (numba compilation, allocator)
+        for _ in range(warmup):
+            fn()
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, spent in zip(fns, times):
@@ -164,7 +168,7 @@ def time_model(model, x, repeats: int, *, input_grad: bool, memory: bool = True,
         fwd_fns.append(gru_forward)
         step_fns.append(gru_step)
     fwd_times = median_times(fwd_fns, repeats)
-    step_times = median_times(step_fns, max(1, repeats // 2 + 1))
+    step_times = median_times(step_fns, max(1, repeats // 2 + 1), warmup=5)
     result = {"forward_s": fwd_times[0], "forward_backward_s": step_times[0]}
     if alongside is not None:
         result.update(gru_forward_s=fwd_times[1], gru_forward_backward_s=step_times[1])
@@ -280,6 +284,34 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
+def load_table(pairs) -> str:
+    """Forward times of runs without and with ``--busy`` as a markdown table: per row, the quiet
+    and busy times of each (quiet, busy) pair of result files, the busy/quiet ratio of each pair,
+    and the busy EGRU's speed against nn.GRU timed alongside it."""
+    runs = []
+    for quiet, busy in pairs:
+        with open(quiet) as fq, open(busy) as fb:
+            runs.append((json.load(fq)["rows"], json.load(fb)["rows"]))
+
+    def key(r):
+        return r["B"], r["H"], r["input"], r["model"], r.get("target_activity")
+
+    lines = ["| B | H | input | model | act | fwd quiet ms | fwd busy ms | busy / quiet | ×nn.GRU busy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in runs[0][0]:
+        matches = [({key(r): r for r in q}[key(row)], {key(r): r for r in b}[key(row)]) for q, b in runs]
+        quiet = [q["forward_s"] * 1e3 for q, _ in matches]
+        busy = [b["forward_s"] * 1e3 for _, b in matches]
+        against = [b["gru_forward_s"] / b["forward_s"] for _, b in matches if "gru_forward_s" in b]
+        act = f"{row['activity']:.3f}" if "activity" in row else ""
+        lines.append(
+            f"| {row['B']} | {row['H']} | {row['input']} | {row['model']} | {act} | "
+            + " | ".join([", ".join(f"{v:.1f}" for v in quiet), ", ".join(f"{v:.1f}" for v in busy),
+                          ", ".join(f"{b / q:.1f}×" for q, b in zip(quiet, busy)),
+                          ", ".join(f"{v:.1f}×" for v in against)]) + " |")
+    return "\n".join(lines)
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -312,7 +344,16 @@ def main(argv=None) -> None:
                         help="time beside N CPU-bound competitor processes (default 0: none)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--markdown", metavar="JSON", help="print a results file as a markdown table and exit")
+    parser.add_argument("--load-table", metavar="JSON", nargs="+",
+                        help="QUIET BUSY [QUIET BUSY ...]: result files without and with --busy "
+                             "as a markdown table of forward times, and exit")
     args = parser.parse_args(argv)
+    if args.load_table:
+        files = args.load_table
+        if len(files) % 2:
+            parser.error("--load-table takes pairs of files: QUIET BUSY [QUIET BUSY ...]")
+        print(load_table(list(zip(files[::2], files[1::2]))))
+        return
     if args.markdown:
         with open(args.markdown) as f:
             print(markdown_table(json.load(f)["rows"]))

@@ -22,7 +22,7 @@ pytest.importorskip("numba")
 
 WORKER = Path(__file__).with_name("cache_worker.py")
 
-# (scenario, dtype, numba threads), run one after the other on one cache
+# (scenario, dtype, numba threads[, threading layer]), run one after the other on one cache
 SEQUENCE = [
     ("one-layer-train", "float32", 2),  # fills the cache with the backward's sparse helpers
     ("stacked-infer", "float32", 2),    # compiles the sparse input product against them
@@ -32,17 +32,22 @@ SEQUENCE = [
     ("stacked-infer", "float64", 1),
     ("stacked-train", "float32", 2),
     ("stacked-train", "float64", 2),    # everything from the cache now
+    ("one-layer-train", "float32", 2, "workqueue"),  # another threading layer, same cache
 ]
 
 
-def _env(cache_dir: Path, threads: int) -> dict:
+def _env(cache_dir: Path, threads: int, threading_layer: str | None) -> dict:
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), NUMBA_NUM_THREADS=str(threads))
     env.pop("NUMBA_DISABLE_JIT", None)  # the cache is what is tested
+    if threading_layer is not None:
+        env["NUMBA_THREADING_LAYER"] = threading_layer
     return env
 
 
-def _start(cache_dir: Path, scenario: str, dtype: str, threads: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(WORKER), scenario, dtype], env=_env(cache_dir, threads),
+def _start(cache_dir: Path, scenario: str, dtype: str, threads: int,
+           threading_layer: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(WORKER), scenario, dtype],
+                            env=_env(cache_dir, threads, threading_layer),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -53,8 +58,8 @@ def _finish(proc: subprocess.Popen, what) -> None:
 
 
 def test_processes_in_sequence_share_the_cache(tmp_path):
-    for step, (scenario, dtype, threads) in enumerate(SEQUENCE):
-        _finish(_start(tmp_path, scenario, dtype, threads), (step, scenario, dtype, threads))
+    for step, process in enumerate(SEQUENCE):
+        _finish(_start(tmp_path, *process), (step, *process))
 
 
 def test_processes_compiling_into_one_empty_cache_at_once(tmp_path):
