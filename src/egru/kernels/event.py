@@ -117,7 +117,9 @@ class KernelCalls:
             return result
         if self._serialise_threads:
             with self._thread_lock:
-                return kernel(*args)
+                result = kernel(*args)
+            self._serialise_threads = _threading_layer() in (None, "workqueue")
+            return result
         return kernel(*args)
 
 
@@ -152,9 +154,7 @@ def _cache_lock(kernel):
 
 
 call = KernelCalls()
-
-
-thread_modes = ThreadModes()
+thread_modes = ThreadModes()  # the backward's and the sparse input product's thread modes
 
 
 def unsupported(x: torch.Tensor, weight_hh: torch.Tensor, surrogate) -> Optional[str]:
