@@ -22,6 +22,7 @@ from egru import functional
 from egru.kernels import event
 from egru.state import EGRUState
 from egru.surrogate import FastSigmoid, Triangle
+from egru.thread_modes import ThreadModes
 
 numba = pytest.importorskip("numba")
 
@@ -581,8 +582,9 @@ def test_backward_in_either_thread_mode_equals_the_reference():
         event.thread_modes = saved
 
 
-class _FixedMode:
+class _FixedMode(ThreadModes):
     def __init__(self, parallel):
+        super().__init__()
         self.parallel = parallel
 
     def choose(self, key):

@@ -9,6 +9,8 @@ evaluation loops (torch's intra-op threads).
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Optional
 
 
@@ -26,8 +28,8 @@ class ThreadModes:
     slower: a stalled parallel mode then costs one slow run in hundreds, and cores that become
     idle again are noticed at the next try (a try's time replaces the tried mode's average,
     which dates from other conditions). The first run of each mode (which may compile) is not
-    counted. Use: ``parallel = modes.choose(key)``, run, ``modes.record(key, parallel,
-    seconds / units)``.
+    counted. Use: ``with modes.timed(key, units) as parallel: ...`` (or ``choose`` and
+    ``record`` by hand).
     """
 
     def __init__(self, first_probe: int = 8, max_interval: int = 256, smoothing: float = 0.5):
@@ -65,6 +67,18 @@ class ThreadModes:
             site["interval"] = (min(2 * site["interval"], self.max_interval) if still_slower
                                 else self.first_probe)
             site["countdown"] = site["interval"]
+
+    @contextlib.contextmanager
+    def timed(self, key, units: float, enabled: bool = True):
+        """Chooses the mode for ``key`` (yielded: True for parallel) and records the block's
+        time per unit of work. ``enabled=False`` (one thread): always serial, nothing recorded."""
+        if not enabled:
+            yield False
+            return
+        parallel = self.choose(key)
+        start = time.perf_counter()
+        yield parallel
+        self.record(key, parallel, (time.perf_counter() - start) / max(units, 1))
 
     def preferred(self, key) -> Optional[bool]:
         """The mode in use for ``key`` (None before both were timed)."""

@@ -10,9 +10,9 @@ event-driven product reads one contiguous row per event.
 
 Parallelism (numba ``prange``): samples are independent in the forward pass, so it runs whole
 sequences per sample, one parallel region per call; a single sample runs serially (no
-parallel region, no barrier per step that a busy core could stall). The backward pass runs each step in two parallel regions, the
-cell over samples and the cross-unit product over blocks of units, so that a row of the weights
-is read once per step for all samples. The weight gradients, which sum over samples and steps,
+parallel region, no barrier per step that a busy core could stall). The backward pass runs
+each step in two parallel regions, the cell over samples and the cross-unit product over
+blocks of units, so that a row of the weights is read once per step for all samples. The weight gradients, which sum over samples and steps,
 are left to one product each after the time loop.
 
 The on-disk cache. Every parallel kernel is an entry point called from Python; no jitted
@@ -133,7 +133,9 @@ def _exp64(x):
     # n in [−2043, 2043]: halves in [−1022, 1022], normal float64s
     n_lo = np.int64(n) >> 1
     n_hi = np.int64(n) - n_lo
-    return (p * np.int64((n_lo + 1023) << 52).view(np.float64)) * np.int64((n_hi + 1023) << 52).view(np.float64)
+    two_lo = np.int64((n_lo + 1023) << 52).view(np.float64)
+    two_hi = np.int64((n_hi + 1023) << 52).view(np.float64)
+    return (p * two_lo) * two_hi
 
 
 _F = np.float32
@@ -157,7 +159,9 @@ def _exp32(x):
     # n in [−251, 251]: halves in [−126, 126], normal float32s
     n_lo = np.int32(n) >> 1
     n_hi = np.int32(n) - n_lo
-    return (p * np.int32((n_lo + 127) << 23).view(np.float32)) * np.int32((n_hi + 127) << 23).view(np.float32)
+    two_lo = np.int32((n_lo + 127) << 23).view(np.float32)
+    two_hi = np.int32((n_hi + 127) << 23).view(np.float32)
+    return (p * two_lo) * two_hi
 
 
 @overload(_exp, inline="always")

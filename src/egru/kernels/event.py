@@ -47,7 +47,6 @@ import functools
 import importlib
 import os
 import threading
-import time
 import warnings
 import weakref
 from typing import Optional
@@ -106,20 +105,16 @@ class KernelCalls:
     def __init__(self):
         self._ready: set = set()  # (kernel, dtype) compiled or loaded in this process
         self._thread_lock = threading.RLock()
-        self._serialise_threads = True  # until numba says which threading layer runs
 
     def __call__(self, kernel, dtype, *args):
         if (kernel, dtype) not in self._ready:
             with _cache_lock(kernel), self._thread_lock:
                 result = kernel(*args)
             self._ready.add((kernel, dtype))
-            self._serialise_threads = _threading_layer() in (None, "workqueue")
             return result
-        if self._serialise_threads:
+        if _threading_layer() in (None, "workqueue"):
             with self._thread_lock:
-                result = kernel(*args)
-            self._serialise_threads = _threading_layer() in (None, "workqueue")
-            return result
+                return kernel(*args)
         return kernel(*args)
 
 
@@ -205,22 +200,46 @@ counters = Counters()
 SPARSE_INPUT_DENSITY = 0.3
 
 
+class _WeightMemo:
+    """Values derived from weights, kept while a weight is unchanged: the same tensor object,
+    storage and autograd version (``_version``, bumped by optimiser steps and other in-place
+    changes through the tensor and its views), plus an optional ``check`` value of the
+    caller's. Fresh products (DropConnect's masked weights) are computed every time."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: dict = {}
+
+    def get(self, w: torch.Tensor, compute, check=None):
+        if w.requires_grad and w.grad_fn is not None:
+            return compute()
+        stamp = (w._version, w.data_ptr(), check)
+        hit = self.entries.get(id(w))
+        if hit is not None and hit[0]() is w and hit[1] == stamp:
+            return hit[2]
+        value = compute()
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[id(w)] = (weakref.ref(w), stamp, value)
+        return value
+
+
 class _TransposeCache:
     """``w.t().contiguous()`` of weights, kept while a weight is unchanged.
 
     ``EGRU`` stores its weights column by column, so that ``w.t()`` is already contiguous: it
     is returned as it is, always current, nothing cached or checked. Weights in the row-major
-    layout (assigned by the user, a ``torch.nn.GRU``'s) are transposed and cached. A transpose of ``W_hh`` costs about as much as the whole recurrent product of a short,
-    very sparse sequence; parameters change only at optimiser steps. Autograd's version counter
-    (``_version``) sees in-place changes through the tensor and its views, but not writes
-    through ``.data`` (as ``torch.autograd.gradcheck`` perturbs inputs) or through numpy views,
-    so an entry is reused only if a fingerprint of the contents (one read of ``w``, about a
-    tenth of the cost of transposing it) matches too.
+    layout (assigned by the user, a ``torch.nn.GRU``'s) are transposed and cached. A transpose
+    of ``W_hh`` costs about as much as the whole recurrent product of a short, very sparse
+    sequence; parameters change only at optimiser steps. Autograd's version counter sees
+    in-place changes through the tensor and its views, but not writes through ``.data`` (as
+    ``torch.autograd.gradcheck`` perturbs inputs) or through numpy views, so an entry is reused
+    only if a fingerprint of the contents (one read of ``w``, about a tenth of the cost of
+    transposing it) matches too.
     """
 
     def __init__(self, size: int = 32):
-        self.size = size
-        self.entries: dict = {}
+        self.memo = _WeightMemo(size)
 
     @staticmethod
     def _fingerprint(w: torch.Tensor) -> int:
@@ -232,52 +251,23 @@ class _TransposeCache:
         w_t = w.detach().t()
         if w_t.is_contiguous():  # stored column by column (EGRU's own weights): nothing to copy
             return w_t
-        if w.requires_grad and w.grad_fn is not None:  # a fresh product (DropConnect): no reuse
+        if w.requires_grad and w.grad_fn is not None:  # a fresh product: no fingerprint needed
             return w_t.contiguous()
-        key = id(w)
-        hit = self.entries.get(key)
-        fingerprint = self._fingerprint(w)
-        if (hit is not None and hit[0]() is w and hit[1] == w._version
-                and hit[2] == w.data_ptr() and hit[3] == fingerprint):
-            return hit[4]
-        w_t = w_t.contiguous()
-        if len(self.entries) >= self.size:
-            self.entries.pop(next(iter(self.entries)))
-        self.entries[key] = (weakref.ref(w), w._version, w.data_ptr(), fingerprint, w_t)
-        return w_t
+        return self.memo.get(w, w_t.contiguous, check=self._fingerprint(w))
 
 
 _transposed = _TransposeCache()
 
-
-class _FiniteWeights:
-    """Whether a weight holds only finite values, remembered per version of the weight.
-
-    The event-driven products skip the weights of silent units, where a dense product
-    multiplies them by zero: a NaN or infinite weight would vanish there instead of turning
-    the output into NaN as in the reference. Layers with such weights take the dense products.
-    Checking reads the weight once, so the answer is kept while the weight's identity, storage
-    and autograd version (bumped by optimiser steps and other in-place changes) are unchanged.
-    """
-
-    def __init__(self, size: int = 64):
-        self.size = size
-        self.entries: dict = {}
-
-    def __call__(self, w: torch.Tensor) -> bool:
-        hit = self.entries.get(id(w))
-        if hit is not None and hit[0]() is w and hit[1:3] == (w._version, w.data_ptr()):
-            return hit[3]
-        finite = bool(torch.isfinite(w.detach()).all())
-        if w.requires_grad and w.grad_fn is not None:  # a fresh product (DropConnect)
-            return finite
-        if len(self.entries) >= self.size:
-            self.entries.pop(next(iter(self.entries)))
-        self.entries[id(w)] = (weakref.ref(w), w._version, w.data_ptr(), finite)
-        return finite
+# Whether a weight holds only finite values. The event-driven products skip the weights of
+# silent units, where a dense product multiplies them by zero: a NaN or infinite weight would
+# vanish there instead of turning the output into NaN as in the reference, so layers with such
+# weights take the dense products. The check reads the weight, so its answer is kept per
+# version of the weight.
+_finite_weights = _WeightMemo(size=64)
 
 
-_finite = _FiniteWeights()
+def _finite(w: torch.Tensor) -> bool:
+    return _finite_weights.get(w, lambda: bool(torch.isfinite(w.detach()).all()))
 
 
 def _zeros_like_bias(w: torch.Tensor) -> torch.Tensor:
@@ -314,14 +304,10 @@ def _forward_pass(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zmask, zone
         valid = np.arange(T)[:, None] < len_np[None, :]
         # parallel or serial as measured: a short product is held up by a descheduled
         # thread for longer than it takes on one
-        mode_key = ("input product", B, I, G, x.dtype)
-        parallel_input = parallel and thread_modes.choose(mode_key)
-        start = time.perf_counter()
-        counters.input += call(K.sparse_input_product, x.dtype, x_np,
-                               _transposed.get(w_ih).numpy(), b_ih_.contiguous().numpy(),
-                               valid.reshape(-1), gates.numpy(), parallel_input)
-        if parallel:
-            thread_modes.record(mode_key, parallel_input, (time.perf_counter() - start) / T)
+        with thread_modes.timed(("input product", B, I, G, x.dtype), T, parallel) as parallel_input:
+            counters.input += call(K.sparse_input_product, x.dtype, x_np,
+                                   _transposed.get(w_ih).numpy(), b_ih_.contiguous().numpy(),
+                                   valid.reshape(-1), gates.numpy(), parallel_input)
         gates = gates.view(T, B, G)
     else:
         gates = torch.addmm(b_ih_, x2, w_ih.detach().t()).view(T, B, G)
@@ -404,16 +390,13 @@ class _EventLayer(torch.autograd.Function):
         d_y0 = torch.empty(B, H, dtype=x.dtype)
         d_c0 = torch.empty_like(d_y0)
         macs = torch.zeros(H, dtype=torch.int64)
-        mode_key = ("backward", B, H, x.dtype)
-        parallel = K.numba.get_num_threads() > 1 and thread_modes.choose(mode_key)
-        start = time.perf_counter()
-        call(K.layer_backward if parallel else K.layer_backward_serial, x.dtype,
-             gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0_.numpy(), theta_.numpy(),
-             ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
-             *grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)),
-             d_gi.numpy(), d_theta.numpy(), d_y0.numpy(), d_c0.numpy(), macs.numpy())
-        if K.numba.get_num_threads() > 1:
-            thread_modes.record(mode_key, parallel, (time.perf_counter() - start) / max(T, 1))
+        with thread_modes.timed(("backward", B, H, x.dtype), T,
+                                K.numba.get_num_threads() > 1) as parallel:
+            call(K.layer_backward if parallel else K.layer_backward_serial, x.dtype,
+                 gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0_.numpy(), theta_.numpy(),
+                 ctx.w_hh_t.numpy(), len_np, zmode, zm.numpy(), zp, gamma, k,
+                 *grads, arr(g_y_last, (B, H)), arr(g_c_last, (B, H)),
+                 d_gi.numpy(), d_theta.numpy(), d_y0.numpy(), d_c0.numpy(), macs.numpy())
         counters.backward_recurrent += int(macs.sum())
 
         need = ctx.needs_input_grad
@@ -458,7 +441,8 @@ def _weight_grad(K, x2, d_out2, valid, parallel):
     sparse = float(torch.count_nonzero(x2)) < SPARSE_WEIGHT_GRAD_DENSITY * max(x2.numel(), 1)
     # a NaN or infinite gradient times a zero input is NaN in the dense product, as in the
     # reference: the event-driven one would skip it
-    if not sparse or not bool(torch.isfinite(d_out2).all()):  # computed transposed: the gradient gets the weights' column-major layout
+    if not sparse or not bool(torch.isfinite(d_out2).all()):
+        # computed transposed: the gradient gets the weights' column-major layout
         return x2.t().mm(d_out2).t(), G * N * I
     d_w_t = torch.empty(I, G, dtype=x2.dtype)
     tile_rows = max(1, WEIGHT_GRAD_TILE_BYTES // (G * x2.element_size()))

@@ -10,7 +10,6 @@ import random
 import signal
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -119,15 +118,12 @@ class MeasuredTorchThreads:
 
     @contextlib.contextmanager
     def step(self, key, units: int):
-        parallel = self.threads > 1 and self.modes.choose(key)
-        torch.set_num_threads(self.threads if parallel else 1)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            torch.set_num_threads(self.threads)
-        if self.threads > 1:
-            self.modes.record(key, parallel, (time.perf_counter() - start) / max(units, 1))
+        with self.modes.timed(key, units, self.threads > 1) as parallel:
+            torch.set_num_threads(self.threads if parallel else 1)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(self.threads)
 
 
 def is_main_process() -> bool:
