@@ -29,14 +29,15 @@ def time_cell(batch: int, hidden: int, steps: int, dtype, repeats: int) -> float
     lengths = np.full(B, T, np.int64)
     zmask = np.zeros((1, 1, 1), dtype)
     y_prev, c = np.zeros((B, H), dtype), np.zeros((B, H), dtype)
-    y, c_hat, gh_n, e = (np.zeros((T, B, H), dtype) for _ in range(4))
+    out = K.ForwardOutputs(*(np.zeros((T, B, H), dtype) for _ in range(4)), y_prev, c)
+    rec = K.Recurrence(np.zeros((H, G), dtype), np.zeros(G, dtype), theta, lengths)
+    zoneout = K.Zoneout(K.ZONEOUT_NONE, zmask, 0.0)
 
     def sequence() -> float:
         gates = gates_in.copy()  # the kernel turns the gates into (r, z, n) in place
         start = time.perf_counter()
         for t in range(T):
-            K.forward_cell_step(t, gates, gh, theta, lengths, K.ZONEOUT_NONE, zmask, 0.0,
-                                y_prev, c, y, c_hat, gh_n, e)
+            K.forward_cell_step(t, gates, gh, rec, zoneout, y_prev, c, out)
         return time.perf_counter() - start
 
     sequence()  # compilation

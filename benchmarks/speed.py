@@ -176,10 +176,10 @@ def time_model(model, x, repeats: int, *, input_grad: bool, memory: bool = True,
         # fraction of the dense W_hᵀδ MACs the backward pass did (1.0: dense mode, see event.py)
         from egru.kernels import event
 
-        event.counters.reset()
+        event.runtime.counters.reset()
         step()
         H, T, B = model.hidden_size, x.shape[0], x.shape[1]
-        result["backward_recurrent_fraction"] = event.counters.backward_recurrent / (3 * H * H * T * B)
+        result["backward_recurrent_fraction"] = event.runtime.counters.backward_recurrent / (3 * H * H * T * B)
     if memory:
         model.zero_grad(set_to_none=True)
         result["peak_memory_bytes"] = peak_memory(step)

@@ -5,7 +5,7 @@ Shapes are tiny so that the suite also runs quickly with ``NUMBA_DISABLE_JIT=1``
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import importlib
 import sys
 import warnings
@@ -18,11 +18,10 @@ from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import egru
-from egru import functional
+from egru import backends, functional
 from egru.kernels import event
 from egru.state import EGRUState
 from egru.surrogate import FastSigmoid, Triangle
-from egru.thread_modes import ThreadModes
 
 numba = pytest.importorskip("numba")
 
@@ -48,33 +47,27 @@ CONFIGS = {
 }
 
 
-# modes of the event layer's kernels, forced through its thresholds (see event.py):
-# name -> module attributes of egru.kernels.event to set
-KERNEL_MODES = {
+# modes of the event layer's kernels, forced through the backend's tuning thresholds
+# name -> egru.backends.Tuning
+TUNINGS = {
     # event-driven weight gradients, reading the gate gradients in tiles of one row
-    "event-dw": dict(SPARSE_WEIGHT_GRAD_DENSITY=2.0, WEIGHT_GRAD_TILE_BYTES=1),
+    "event-dw": dataclasses.replace(backends.Tuning(), sparse_weight_grad_density=2.0,
+                                    weight_grad_tile_bytes=1),
     # dense weight gradients
-    "dense-dw": dict(SPARSE_WEIGHT_GRAD_DENSITY=0.0),
+    "dense-dw": dataclasses.replace(backends.Tuning(), sparse_weight_grad_density=0.0),
     # backend "auto" choosing the dense forward product always
-    "auto-dense": dict(AUTO_ACTIVITY_LIMIT=-1.0, AUTO_DENSE_MIN_BATCH=0),
+    "auto-dense": dataclasses.replace(backends.Tuning(), auto_activity_limit=-1.0,
+                                      auto_dense_min_batch=0),
 }
 
 
-@contextlib.contextmanager
-def kernel_mode(name):
-    saved = {key: getattr(event, key) for key in KERNEL_MODES[name]}
-    for key, value in KERNEL_MODES[name].items():
-        setattr(event, key, value)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            setattr(event, key, value)
-
-
-def dense_forward_layer(x, state, *args, lengths=None, zoneout_p=0.0, zoneout_mask=None, reverse=False):
-    """The event layer with the dense recurrent product in the forward pass (as "auto" uses it)."""
-    return event._run_event(x, state, *args, lengths, zoneout_p, zoneout_mask, reverse, dense_forward=True)
+def layer_fn(backend, mode="event-dw"):
+    """A backend with the tuning of ``mode`` (``"dense"``: the event layer with the dense
+    recurrent forward product, as "auto" uses it)."""
+    if backend == "dense":
+        return backends.Auto(dataclasses.replace(TUNINGS[mode], auto_activity_limit=-1.0,
+                                                 auto_dense_min_batch=0))
+    return backends.resolve(backend, TUNINGS[mode])
 
 
 def run_module(backend, module_kwargs, options, dtype):
@@ -124,8 +117,7 @@ def run_module(backend, module_kwargs, options, dtype):
 def test_module_parity(name, backend, mode, dtype):
     module_kwargs, options = CONFIGS[name]
     ref = run_module("reference", module_kwargs, options, dtype)
-    with kernel_mode(mode):
-        got = run_module(backend, module_kwargs, options, dtype)
+    got = run_module(layer_fn(backend, mode), module_kwargs, options, dtype)
     tol = TOL[dtype]
     torch.testing.assert_close(got[0], ref[0], **tol)
     torch.testing.assert_close(got[1].y, ref[1].y, **tol)
@@ -180,15 +172,14 @@ def test_layer_parity_random(T, B, I, H, reverse, packed, zoneout, mode, forward
         kwargs.update(zoneout_p=0.3)
     surrogate = Triangle(0.7, 1.5)
     ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, surrogate, **kwargs)
-    layer = dense_forward_layer if forward == "dense" else event.egru_layer_event
+    layer = layer_fn("dense" if forward == "dense" else "event", mode)
     # "event": whole samples per thread (one sample serially); "event-serial": the forward
     # kernel's serial twin for every batch size, as with a single numba thread
     threads = numba.get_num_threads()
     if forward == "event-serial":
         numba.set_num_threads(1)
     try:
-        with kernel_mode(mode):
-            got, got_grads = layer_with_grads(layer, tensors, surrogate, **kwargs)
+        got, got_grads = layer_with_grads(layer, tensors, surrogate, **kwargs)
     finally:
         numba.set_num_threads(threads)
     assert torch.equal(got.e, ref.e)
@@ -209,14 +200,14 @@ def test_sparse_input_path_and_mac_counter():
             threshold.fill_(0.25)  # sparse enough that layer 1 takes the event-driven input path
     x = torch.randn(6, 3, I, dtype=torch.float64)
     packed = pack_padded_sequence(x, torch.tensor([6, 4, 2]), enforce_sorted=False)
-    event.counters.reset()
+    event.runtime.counters.reset()
     _, _, records = model(packed, record=True)
     stats = [egru.layer_stats(r) for r in records]
-    assert 0 < stats[1].activity and stats[0].activity < event.SPARSE_INPUT_DENSITY
+    assert 0 < stats[1].activity and stats[0].activity < backends.Tuning().sparse_input_density
     dense_input = 3 * H * I * stats[0].steps  # the first layer's input product is dense
-    assert event.counters.recurrent + event.counters.input == sum(s.effective_macs for s in stats) - dense_input
-    assert event.counters.input == 3 * H * int((records[1].input_active * records[1].valid).sum())
-    assert event.counters.recurrent < 3 * H * H * (stats[0].steps + stats[1].steps)
+    assert event.runtime.counters.recurrent + event.runtime.counters.input == sum(s.effective_macs for s in stats) - dense_input
+    assert event.runtime.counters.input == 3 * H * int((records[1].input_active * records[1].valid).sum())
+    assert event.runtime.counters.recurrent < 3 * H * H * (stats[0].steps + stats[1].steps)
 
 
 def test_inference_without_a_graph_equals_the_reference():
@@ -254,9 +245,9 @@ def test_backward_reads_each_block_of_units_for_the_samples_that_need_it():
     T, B, I, H = 6, 9, 3, 10  # H = 10: two blocks of four and one of two units
     tensors = random_layer(T, B, I, H, torch.float64, seed=5, y0_density=0.0)
     surrogate = Triangle(0.7, 4.0)  # a narrow support: few units inside it
-    event.counters.reset()
-    with kernel_mode("event-dw"):  # the event-driven weight gradient at any activity
-        out, grads = layer_with_grads(event.egru_layer_event, tensors, surrogate)
+    event.runtime.counters.reset()
+    # the event-driven weight gradient at any activity
+    out, grads = layer_with_grads(layer_fn("event", "event-dw"), tensors, surrogate)
     ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, surrogate)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
@@ -266,9 +257,9 @@ def test_backward_reads_each_block_of_units_for_the_samples_that_need_it():
     for lo in range(0, H, 4):
         block = in_g[:-1, :, lo:lo + 4]
         expected += 3 * H * block.shape[-1] * int(block.any(-1).sum())
-    assert 0 < event.counters.backward_recurrent - 3 * H * H * B < 3 * H * H * B * (T - 1)
-    assert event.counters.backward_recurrent == expected
-    assert event.counters.backward_weight == 3 * H * int((out.e[:-1] != 0).sum())  # y_0 = 0
+    assert 0 < event.runtime.counters.backward_recurrent - 3 * H * H * B < 3 * H * H * B * (T - 1)
+    assert event.runtime.counters.backward_recurrent == expected
+    assert event.runtime.counters.backward_weight == 3 * H * int((out.e[:-1] != 0).sum())  # y_0 = 0
 
 
 def test_wide_support_takes_every_unit_and_auto_the_dense_forward():
@@ -278,18 +269,17 @@ def test_wide_support_takes_every_unit_and_auto_the_dense_forward():
     tensors = random_layer(T, B, I, H, torch.float64, seed=8)
     with torch.no_grad():
         tensors[7].fill_(-1.0)  # every unit fires at every step
-    event.counters.reset()
+    event.runtime.counters.reset()
     ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, Triangle())
-    got, got_grads = layer_with_grads(event.egru_layer_event, tensors, Triangle())
-    assert event.counters.backward_recurrent == 3 * H * H * T * B  # every unit
+    got, got_grads = layer_with_grads(backends.Event(), tensors, Triangle())
+    assert event.runtime.counters.backward_recurrent == 3 * H * H * T * B  # every unit
     fired = int((got.y[:-1] != 0).sum()) + int((tensors[1] != 0).sum())  # A_{t-1}, y_0 included
-    assert event.counters.recurrent == 3 * H * fired
-    key = id(tensors[7])
-    event._last_activity.pop(key, None)
-    layer_with_grads(event.egru_layer_auto, tensors, Triangle())  # first call: event-driven
-    event.counters.reset()
-    auto, auto_grads = layer_with_grads(event.egru_layer_auto, tensors, Triangle())
-    assert event.counters.recurrent == 3 * H * H * T * B  # dense forward
+    assert event.runtime.counters.recurrent == 3 * H * fired
+    auto_layer = backends.Auto()
+    layer_with_grads(auto_layer, tensors, Triangle())  # first call: event-driven
+    event.runtime.counters.reset()
+    auto, auto_grads = layer_with_grads(auto_layer, tensors, Triangle())
+    assert event.runtime.counters.recurrent == 3 * H * H * T * B  # dense forward
     for a, b in zip(auto_grads + got_grads, ref_grads + ref_grads):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
     torch.testing.assert_close(auto.y, ref.y, **TOL[torch.float64])
@@ -300,9 +290,9 @@ def test_weights_changed_through_data_are_seen():
     transpose of W_hh must not go stale."""
     tensors = random_layer(4, 2, 3, 5, torch.float64, seed=9)
     state = EGRUState(*tensors[1:3])
-    event.egru_layer_event(tensors[0], state, *tensors[3:], Triangle())
+    backends.Event()(tensors[0], state, *tensors[3:], Triangle())
     tensors[4].data[1, 2] += 0.5
-    got = event.egru_layer_event(tensors[0], state, *tensors[3:], Triangle())
+    got = backends.Event()(tensors[0], state, *tensors[3:], Triangle())
     ref = functional.egru_layer(tensors[0], state, *tensors[3:], Triangle())
     torch.testing.assert_close(got.y, ref.y, **TOL[torch.float64])
 
@@ -316,15 +306,15 @@ def test_module_weights_are_read_transposed_without_a_copy():
     layer.double()
     for name, w in layer.named_parameters():
         if name.startswith("weight"):
-            assert event._transposed.get(w).data_ptr() == w.data_ptr(), name
+            assert event.runtime.transposed(w).data_ptr() == w.data_ptr(), name
     row_major = torch.randn(12, 4, dtype=torch.float64)
-    assert event._transposed.get(row_major).data_ptr() != row_major.data_ptr()
+    assert event.runtime.transposed(row_major).data_ptr() != row_major.data_ptr()
 
 
 def test_padded_steps_emit_nothing_and_hold_state():
     tensors = random_layer(4, 2, 3, 5, torch.float64, seed=5)
     lengths = torch.tensor([4, 2])
-    out, _ = layer_with_grads(event.egru_layer_event, tensors, Triangle(), lengths=lengths)
+    out, _ = layer_with_grads(backends.Event(), tensors, Triangle(), lengths=lengths)
     assert not out.y[2:, 1].any() and not out.e[2:, 1].any()
     ref = functional.egru_layer(*tensors[:1], EGRUState(*tensors[1:3]), *tensors[3:], Triangle(), lengths=lengths)
     torch.testing.assert_close(out.state.c, ref.state.c, rtol=1e-12, atol=1e-12)
@@ -354,12 +344,11 @@ def test_gradient_penalty_works_on_the_reference_backend():
 
 
 def test_unsupported_surrogate_falls_back_to_reference(recwarn):
-    event._warned.clear()
     model = egru.EGRU(3, 4, backend="event", surrogate=FastSigmoid(), dtype=torch.float64)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="FastSigmoid"):
         out = model(x)[0]
-    model.backend, model._layer_fn = "reference", functional.egru_layer
+    model.backend, model._layer_fn = "reference", backends.Reference()
     torch.testing.assert_close(out, model(x)[0])
     auto = egru.EGRU(3, 4, backend="auto", surrogate=FastSigmoid(), dtype=torch.float64)
     with warnings.catch_warnings():
@@ -368,8 +357,7 @@ def test_unsupported_surrogate_falls_back_to_reference(recwarn):
 
 
 def test_missing_numba_warns_once_and_uses_reference(monkeypatch):
-    monkeypatch.setattr(event, "_kernels", None)
-    monkeypatch.setattr(event, "_warned", set())
+    monkeypatch.setattr(event, "runtime", event.Runtime())  # numba not imported yet
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
     monkeypatch.delitem(sys.modules, event._NUMBA_MODULE, raising=False)
     torch.manual_seed(0)
@@ -389,7 +377,7 @@ def test_every_cached_kernel_has_a_cache_file_of_its_own():
     options: two kernels compiled from one Python function under one name (the forward kernel
     and its serial twin) would serve each other's cached code, and the parallel kernel ran on
     one thread after the serial one had been cached first."""
-    kernels = event.load_kernels()
+    kernels = event.runtime.kernels()
     cached = [k for k in vars(kernels).values()
               if getattr(getattr(k, "_cache", None), "_cache_file", None) is not None]
     if not cached:
@@ -422,7 +410,7 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
 def test_cell_exp_is_accurate_in_the_data_type(dtype):
     """The cell's arithmetic-only ``exp``, in each float type, within a few ulp of the exact
     value (float64 ``exp`` rounded to the type) over the range the sigmoid and tanh use."""
-    kernels = event.load_kernels()
+    kernels = event.runtime.kernels()
 
     @numba.njit
     def exp_all(x, out):
@@ -571,24 +559,8 @@ def test_backward_in_either_thread_mode_equals_the_reference():
     by measurement at run time: both modes agree with the reference."""
     tensors = random_layer(5, 3, 4, 6, torch.float64, seed=11, y0_density=0.2)
     ref, ref_grads = layer_with_grads(functional.egru_layer, tensors, Triangle())
-    saved = event.thread_modes
-    try:
-        for parallel in (True, False):
-            event.thread_modes = _FixedMode(parallel)
-            got, got_grads = layer_with_grads(event.egru_layer_event, tensors, Triangle())
-            for a, b in zip(got_grads, ref_grads):
-                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    finally:
-        event.thread_modes = saved
-
-
-class _FixedMode(ThreadModes):
-    def __init__(self, parallel):
-        super().__init__()
-        self.parallel = parallel
-
-    def choose(self, key):
-        return self.parallel
-
-    def record(self, key, parallel, seconds_per_step):
-        assert parallel == self.parallel
+    for mode in ("parallel", "serial"):
+        layer = backends.Event(backends.Tuning(thread_mode=mode))
+        got, got_grads = layer_with_grads(layer, tensors, Triangle())
+        for a, b in zip(got_grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -166,7 +166,7 @@ class EGRU(_ThresholdMixin, nn.Module):
         _check_probability("dropout", dropout)
         _check_probability("dropconnect", dropconnect)
         self._layer_fn = backends.resolve(backend)
-        self.backend = backend
+        self.backend = self._layer_fn.name
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers

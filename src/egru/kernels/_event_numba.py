@@ -1,19 +1,24 @@
 """Numba kernels of the event-driven EGRU layer: forward and sparse BPTT (SPEC §1, §2).
 
-Private to :mod:`egru.kernels.event`, which validates the inputs and hands over C-contiguous
-numpy arrays of one float dtype (float32 or float64). Everything is in processing order (a
-reverse direction is flipped before and after). Importing this module imports numba.
+Private to :mod:`egru.kernels.event`, which hands over C-contiguous numpy arrays of one float
+dtype (float32 or float64). Everything is in processing order (a reverse direction is flipped
+before and after). Importing this module imports numba.
 
 Layout. ``G = 3H`` gate rows in ``torch.nn.GRU`` order (r, z, n). Recurrent weights come
 transposed, ``w_hh_t`` of shape (H, G): row ``j`` is everything unit ``j`` sends, so the
 event-driven product reads one contiguous row per event.
 
+Arguments that travel together are bundled in named tuples (:class:`Recurrence`,
+:class:`Zoneout`, :class:`Surrogate`, :class:`ForwardOutputs`, :class:`Saved`,
+:class:`OutputGrads`, :class:`InputGrads`); numba compiles them like positional arguments.
+
 Parallelism (numba ``prange``): samples are independent in the forward pass, so it runs whole
 sequences per sample, one parallel region per call; a single sample runs serially (no
 parallel region, no barrier per step that a busy core could stall). The backward pass runs
 each step in two parallel regions, the cell over samples and the cross-unit product over
-blocks of units, so that a row of the weights is read once per step for all samples. The weight gradients, which sum over samples and steps,
-are left to one product each after the time loop.
+blocks of units, so that a row of the weights is read once per step for all samples. The
+weight gradients, which sum over samples and steps, are left to one product each after the
+time loop. Every parallel kernel has a serial twin (``*_serial``).
 
 The on-disk cache. Every parallel kernel is an entry point called from Python; no jitted
 function calls a parallel one (see the note above :func:`sparse_input_product`).
@@ -22,6 +27,7 @@ function calls a parallel one (see the note above :func:`sparse_input_product`).
 from __future__ import annotations
 
 import types
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -29,6 +35,73 @@ from numba import prange
 from numba.extending import overload
 
 ZONEOUT_NONE, ZONEOUT_MASK, ZONEOUT_EVAL = 0, 1, 2
+
+
+class Recurrence(NamedTuple):
+    """What every step reads besides the gates: w_hh_t (H, G), b_hh (G,), theta (H,),
+    lengths (B,) int64 in [0, T] (steps ``t >= lengths[b]`` are padding and skipped)."""
+    w_hh_t: np.ndarray
+    b_hh: np.ndarray
+    theta: np.ndarray
+    lengths: np.ndarray
+
+
+class Zoneout(NamedTuple):
+    """mode: ZONEOUT_NONE, ZONEOUT_MASK (keep-mask ``mask`` (T, B, H)) or ZONEOUT_EVAL
+    (``c = p·c_{t-1} + (1 − p)·ĉ``; mask is then a (1, 1, 1) placeholder)."""
+    mode: int
+    mask: np.ndarray
+    p: float
+
+
+class Surrogate(NamedTuple):
+    """The triangle pseudo-derivative ``gamma·max(0, 1 − k|v|)``."""
+    gamma: float
+    k: float
+
+
+class ForwardOutputs(NamedTuple):
+    """y, c_hat, gh_n, e (T, B, H): outputs, candidate states, ``W_hn y_{t-1} + b_hn`` and
+    events (1 or 0), written at the valid steps; y_last, c_last (B, H): the state after each
+    sample's last step."""
+    y: np.ndarray
+    c_hat: np.ndarray
+    gh_n: np.ndarray
+    e: np.ndarray
+    y_last: np.ndarray
+    c_last: np.ndarray
+
+
+class Saved(NamedTuple):
+    """What the backward pass reads of the forward: gates (T, B, G) = (r, z, n), gh_n and
+    c_hat (T, B, H), c0 (B, H) (events and earlier states are recomputed from them)."""
+    gates: np.ndarray
+    gh_n: np.ndarray
+    c_hat: np.ndarray
+    c0: np.ndarray
+
+
+class OutputGrads(NamedTuple):
+    """Gradients arriving at the layer's outputs: g_y (T, B, H); g_e and g_c_hat (T, B, H),
+    read only where has_g_e / has_g_c_hat (else (1, 1, 1) placeholders); g_y_last and
+    g_c_last (B, H) of the final state."""
+    g_y: np.ndarray
+    g_e: np.ndarray
+    g_c_hat: np.ndarray
+    has_g_e: bool
+    has_g_c_hat: bool
+    g_y_last: np.ndarray
+    g_c_last: np.ndarray
+
+
+class InputGrads(NamedTuple):
+    """What the backward pass writes: d_gi (T, B, G) at the valid steps, the gradient of
+    ``W_ih x_t + b_ih`` (and, but for the reset gate's factor on the n rows, of
+    ``W_hh y_{t-1} + b_hh``); d_theta (B, H), zero on entry, per sample; d_y0, d_c0 (B, H)."""
+    d_gi: np.ndarray
+    d_theta: np.ndarray
+    d_y0: np.ndarray
+    d_c0: np.ndarray
 
 
 def _jit(**options):
@@ -80,8 +153,7 @@ def _add_rows(out, w_t, idx, coef, n, lo):
     row of ``w_t`` per event (or nonzero), listed with its value.
 
     Four rows are added per pass over ``out``: one load and store of ``out`` per four rows
-    instead of per row made the product 2.5× faster (B = 1, H = 1024, 112 events per step:
-    the rows are read from the last-level cache at ~35–50 GB/s instead of ~20).
+    instead of per row, so that the rows stream from the cache at close to its bandwidth.
     """
     hi = lo + out.shape[0]
     q = 0
@@ -172,14 +244,14 @@ def _exp_typed(x):
 # error_model="numpy": no ZeroDivisionError check on ``/`` (the denominators here are ≥ 1),
 # whose branch would keep LLVM from vectorising the loop.
 @_jit(fastmath=_CONTRACT, error_model="numpy")
-def _cell_forward(gates, gh, c, theta, zmask, zmode, zp, gh_n, c_hat, y, y_prev, e):
-    """One sample and step of the cell, events included, as a loop LLVM can vectorise.
+def _cell_forward(t, b, gates, gh, c, theta, zoneout, out, y_prev):
+    """Sample ``b`` at step ``t`` of the cell, events included, as a loop LLVM can vectorise.
 
     gates (G,): in, the input part ``W_ih x_t + b_ih``; out, ``(r, z, n)``. gh (G,): the
     recurrent part ``W_hh y_{t-1} + b_hh``. c (H,): in ``c_{t-1}``, out ``c_t`` (after the
-    reset). theta (H,). zmask (H,): zoneout keep-mask (read for ZONEOUT_MASK only). Writes
-    gh_n (H,) = ``W_hn y_{t-1} + b_hn``, c_hat (H,), the output into y and y_prev (H,) and the
-    events e (H,) (1 or 0). Computed in the data's float type (``one`` carries it: a float
+    reset). theta (H,). zoneout: :class:`Zoneout`. Writes ``gh_n = W_hn y_{t-1} + b_hn``,
+    c_hat, y and the events e (1 or 0) of ``out`` (:class:`ForwardOutputs`) at ``[t, b]``,
+    and the output into y_prev (H,) too. Computed in the data's float type (``one`` carries it: a float
     literal would promote float32 to float64); the event is decided on the rounded candidate
     state that is stored, so it is the one the backward pass recomputes from c_hat.
     """
@@ -187,7 +259,10 @@ def _cell_forward(gates, gh, c, theta, zmask, zmode, zp, gh_n, c_hat, y, y_prev,
     zero = c.dtype.type(0.0)
     one = c.dtype.type(1.0)
     two = one + one
-    zp_ = c.dtype.type(zp)
+    zmode = zoneout.mode
+    zp_ = c.dtype.type(zoneout.p)
+    zmask = zoneout.mask[t, b] if zmode == ZONEOUT_MASK else zoneout.mask[0, 0]
+    gh_n, c_hat, y, e = out.gh_n[t, b], out.c_hat[t, b], out.y[t, b], out.e[t, b]
     for i in range(H):
         r = one / (one + _exp(-(gates[i] + gh[i])))
         z = one / (one + _exp(-(gates[H + i] + gh[H + i])))
@@ -216,49 +291,42 @@ def _cell_forward(gates, gh, c, theta, zmask, zmode, zp, gh_n, c_hat, y, y_prev,
 
 
 @_jit(parallel=True, fastmath=_CONTRACT)
-def layer_forward(gates, w_hh_t, b_hh, theta, y0, c0, lengths, zmode, zmask, zp,
-                  y, c_hat, gh_n, e, y_last, c_last, macs):
+def layer_forward(gates, y0, c0, rec, zoneout, out, macs):
     """One layer and direction over a whole sequence; event-driven recurrent product.
 
     Shapes: T steps, B samples, H units, G = 3H.
       gates (T, B, G): in: the input part of the gates ``W_ih x_t + b_ih``;
                        out: ``(r, z, n)`` of every valid step (kept for the backward pass).
-      w_hh_t (H, G), b_hh (G,), theta (H,), y0 and c0 (B, H), lengths (B,) int64 in [0, T].
-      zmode: ZONEOUT_NONE, ZONEOUT_MASK (keep-mask zmask (T, B, H)) or ZONEOUT_EVAL (p = zp).
-    Outputs, written at every valid step (padded steps are left untouched: the caller zeroes
-    them when the lengths differ):
-      y, c_hat, gh_n, e (T, B, H): outputs, candidate states, ``W_hn y_{t-1} + b_hn`` and
-      events (1 or 0);
-      y_last, c_last (B, H): state after each sample's last step;
+      y0, c0 (B, H): the initial state; rec: :class:`Recurrence`; zoneout: :class:`Zoneout`.
+      out: :class:`ForwardOutputs`, written at every valid step (padded steps are left
+      untouched: the caller zeroes them when the lengths differ).
       macs (B,) int64: multiply-accumulates done in the recurrent product, ``G·|A_{t-1}|``
       summed over the valid steps.
-    Padded steps (``t >= lengths[b]``) are skipped.
 
     Samples are independent in the forward pass, so each thread runs whole sequences of its
     samples (one parallel region per call, no synchronisation per step). Per step a sample adds
-    the rows of ``w_hh_t`` of its fired units into its own gh row, which stays in L1/L2; an
-    earlier unit-major order (each row read once per step for all samples that fired it) was
-    2–3× slower at B = 32: it swept every sample's gh row through the cache per unit.
+    the rows of ``w_hh_t`` of its fired units into its own gh row, which stays in L1/L2 (a
+    unit-major order, each row read once per step for all samples, sweeps every sample's gh
+    row through the cache per unit).
     """
     T, B, G = gates.shape
     H = G // 3
-    c_last[:] = c0
-    y_last[:] = y0
+    out.c_last[:] = c0
+    out.y_last[:] = y0
     # fired units of the previous step, per sample: act[b, :n], their outputs in coef[b, :n]
     act = np.empty((B, H), np.int64)
-    coef = np.empty((B, H), y.dtype)
-    gh = np.empty((B, G), y.dtype)
+    coef = np.empty((B, H), out.y.dtype)
+    gh = np.empty((B, G), out.y.dtype)
     for b in prange(B):
         n = _fired_units(y0[b], y0[b], act[b], coef[b])
-        for t in range(lengths[b]):
+        for t in range(rec.lengths[b]):
             # gh = b_hh + Σ_{j fired} y_j · W_hh[:, j]
-            gh[b, :] = b_hh
-            _add_rows(gh[b], w_hh_t, act[b], coef[b], n, 0)
+            gh[b, :] = rec.b_hh
+            _add_rows(gh[b], rec.w_hh_t, act[b], coef[b], n, 0)
             macs[b] += G * n
-            zm = zmask[t, b] if zmode == ZONEOUT_MASK else zmask[0, 0]
-            _cell_forward(gates[t, b], gh[b], c_last[b], theta, zm, zmode, zp, gh_n[t, b],
-                          c_hat[t, b], y[t, b], y_last[b], e[t, b])
-            n = _fired_units(e[t, b], y[t, b], act[b], coef[b])
+            _cell_forward(t, b, gates[t, b], gh[b], out.c_last[b], rec.theta, zoneout, out,
+                          out.y_last[b])
+            n = _fired_units(out.e[t, b], out.y[t, b], act[b], coef[b])
 
 
 @_jit()
@@ -276,23 +344,21 @@ def _fired_units(e, y, act, coef):
 
 
 @_jit(fastmath=_CONTRACT)
-def forward_cell_step(t, gates, gh, theta, lengths, zmode, zmask, zp, y_prev, c, y, c_hat, gh_n,
-                      e):
+def forward_cell_step(t, gates, gh, rec, zoneout, y_prev, c, out):
     """The cell of step ``t`` for every valid sample, given the recurrent part gh (B, G) (the
     dense mode: the caller runs the time loop and computes ``gh = b_hh + y_{t-1}·W_hhᵀ`` with
     one matmul per step, faster than events when most units fire).
 
     y_prev, c (B, H): in, the state after step t−1; out, after step t (samples past their end
-    keep theirs). Other arguments as in :func:`layer_forward`. One thread: the vectorised cell
-    is a fraction of the step's matmul, and handing the cores back and forth between torch's
-    and numba's thread pools every step cost more (measured).
+    keep theirs). Other arguments as in :func:`layer_forward` (``rec.w_hh_t`` and
+    ``out.y_last``/``out.c_last`` are not used). One thread: the vectorised cell is a fraction
+    of the step's matmul, less than handing the cores between torch's and numba's thread pools
+    every step would cost.
     """
     B = y_prev.shape[0]
     for b in range(B):
-        if lengths[b] > t:
-            zm = zmask[t, b] if zmode == ZONEOUT_MASK else zmask[0, 0]
-            _cell_forward(gates[t, b], gh[b], c[b], theta, zm, zmode, zp, gh_n[t, b],
-                          c_hat[t, b], y[t, b], y_prev[b], e[t, b])
+        if rec.lengths[b] > t:
+            _cell_forward(t, b, gates[t, b], gh[b], c[b], rec.theta, zoneout, out, y_prev[b])
 
 
 @_jit(fastmath=_CONTRACT, inline="always")
@@ -304,8 +370,7 @@ def _pseudo_derivative(v, gamma, k, one):
 
 
 @_jit(fastmath=_CONTRACT)
-def _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma, k, g_y, g_e,
-                   g_c_hat, has_g_e, has_g_c_hat, dy, dc, d_gi, dgh, d_theta):
+def _cell_backward(t, b, saved, theta, zoneout, surrogate, grads, dy, dc, dgh, out):
     """The elementwise part of one step of BPTT for sample ``b`` (all its H units).
 
     Reads dy[b], dc[b] (gradients reaching ``y_t`` from later steps, and ``c_t``) and the
@@ -314,10 +379,15 @@ def _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma,
     and accumulates d_theta[b]. Arguments as in :func:`layer_backward`. Computed in the data's
     float type, as the forward cell.
     """
+    gates, gh_n, c_hat, c0 = saved
+    g_y, g_e, g_c_hat, has_g_e, has_g_c_hat = grads[:5]
+    d_gi, d_theta = out.d_gi, out.d_theta
+    zmode, zmask = zoneout.mode, zoneout.mask
     H = theta.shape[0]
     one = c_hat.dtype.type(1.0)
     zero = one - one
-    gamma_, k_, zp_ = c_hat.dtype.type(gamma), c_hat.dtype.type(k), c_hat.dtype.type(zp)
+    gamma_, k_ = c_hat.dtype.type(surrogate.gamma), c_hat.dtype.type(surrogate.k)
+    zp_ = c_hat.dtype.type(zoneout.p)
     for i in range(H):
         th = theta[i]
         ch = c_hat[t, b, i]
@@ -443,23 +513,14 @@ def _unit_block_gradient(j, w_hh_t, dgh, members, n, dy):
 
 
 @_jit(parallel=True, fastmath=_CONTRACT)
-def layer_backward(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask, zp, gamma, k,
-                   g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, g_y_last, g_c_last, d_gi, d_theta,
-                   d_y0, d_c0, macs):
+def layer_backward(saved, rec, zoneout, surrogate, grads, out, macs):
     """Sparse backpropagation through time of :func:`layer_forward` (SPEC §2), without the
     weight gradients (the caller computes them from d_gi after the loop).
 
-    Surrogate ``dH/dv = gamma·max(0, 1 − k|v|)``, ``v = ĉ − ϑ``.
-    Inputs: gates (T, B, G) = (r, z, n), gh_n, c_hat (T, B, H) from the forward pass;
-      c0 (B, H); theta (H,); w_hh_t (H, G); lengths, zmode, zmask, zp as in the forward;
-      g_y (T, B, H) gradient of y; g_e, g_c_hat (T, B, H) gradients of the events and
-      candidate states, read only if has_g_e / has_g_c_hat; g_y_last, g_c_last (B, H)
-      gradients of the final state.
-    Outputs:
-      d_gi (T, B, G), written at the valid steps: gradient of ``W_ih x_t + b_ih`` (and, but
-      for the reset gate's factor on the n rows, of ``W_hh y_{t-1} + b_hh``); d_theta (B, H),
-      zero on entry: per sample; d_y0, d_c0 (B, H); macs (H,) int64, zero on entry: MACs of
-      the cross-unit product ``W_hᵀδ``, per block of units at its first unit.
+    saved: :class:`Saved`; rec, zoneout: as in the forward; surrogate: :class:`Surrogate`
+    (``dH/dv``, ``v = ĉ − ϑ``); grads: :class:`OutputGrads`; out: :class:`InputGrads`;
+    macs (H,) int64, zero on entry: MACs of the cross-unit product ``W_hᵀδ``, per block of
+    units at its first unit.
     Only units in G_{t-1} (fired, or inside the surrogate's support) need ``W_hᵀδ_t``: the
     output gradient of any other unit is multiplied by zero at step t−1.
 
@@ -469,25 +530,24 @@ def layer_backward(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask,
     samples at a time (sixteen dot products per pass, in registers; the ``δ_t`` of all
     samples, B × 3H, stay in L2). A unit outside G_{t-1} computed with its block gets a value
     that is multiplied by zero at step t−1, and so does the stale value a sample keeps for the
-    units of a block it does not need (no event, zero pseudo-derivative). This beat, at every batch size measured (1–32) and with
-    narrow and wide supports, one sample at a time (each sample reading the rows of its own
-    units: B times the traffic) and a BLAS matmul per step (docs/speed.md).
+    units of a block it does not need (no event, zero pseudo-derivative). Reading each row
+    once for all samples moves B times less memory than one sample at a time.
     """
+    gates, c_hat = saved.gates, saved.c_hat
+    theta, w_hh_t, lengths = rec.theta, rec.w_hh_t, rec.lengths
     T, B, G = gates.shape
     H = G // 3
-    dy = g_y_last.copy()
-    dc = g_c_last.copy()
+    dy = grads.g_y_last.copy()
+    dc = grads.g_c_last.copy()
     dgh = np.zeros((B, G), gates.dtype)
     n_blocks = (H + 3) // 4  # the last one has H mod 4 units when that is not 0
     members = np.empty((n_blocks, B), np.int64)  # per block, the samples that need it
     one = c_hat.dtype.type(1.0)
-    gamma_, k_ = c_hat.dtype.type(gamma), c_hat.dtype.type(k)
+    gamma_, k_ = c_hat.dtype.type(surrogate.gamma), c_hat.dtype.type(surrogate.k)
     for t in range(T - 1, -1, -1):
         for b in prange(B):
             if lengths[b] > t:
-                _cell_backward(t, b, gates, gh_n, c_hat, c0, theta, zmode, zmask, zp, gamma, k,
-                               g_y, g_e, g_c_hat, has_g_e, has_g_c_hat, dy, dc, d_gi, dgh,
-                               d_theta)
+                _cell_backward(t, b, saved, theta, zoneout, surrogate, grads, dy, dc, dgh, out)
         for blk in prange(n_blocks):
             lo = 4 * blk
             hi = min(H, lo + 4)
@@ -509,8 +569,8 @@ def layer_backward(gates, gh_n, c_hat, c0, theta, w_hh_t, lengths, zmode, zmask,
                     for q in range(n):
                         dy[members[blk, q], j] = _dot(w_hh_t[j], dgh[members[blk, q]])
             macs[lo] += G * n * (hi - lo)
-    d_y0[:] = dy
-    d_c0[:] = dc
+    out.d_y0[:] = dy
+    out.d_c0[:] = dc
 
 
 @_jit(parallel=True)
@@ -637,7 +697,7 @@ def _serial_twin(kernel, **options):
 # Serial twins of the parallel kernels: no parallel region at all. For one sample, a single
 # numba thread, and wherever the parallel kernel is measured to be slower (the backward pass
 # synchronises the threads twice per step, which a core busy with another process turns into
-# a stall of every step; see egru.kernels.event.ThreadModes).
+# a stall of every step; see egru.kernels.thread_modes).
 layer_forward_serial = _serial_twin(layer_forward, fastmath=_CONTRACT)
 layer_backward_serial = _serial_twin(layer_backward, fastmath=_CONTRACT)
 _nonzeros_by_row_serial = _serial_twin(_nonzeros_by_row)
