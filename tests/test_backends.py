@@ -84,3 +84,14 @@ def test_auto_forgets_with_the_layer_and_pickles_without_memory():
     copy = pickle.loads(pickle.dumps(model))
     assert copy._layer_fn._activity == {} and copy._layer_fn.tuning == model._layer_fn.tuning
     torch.testing.assert_close(copy(torch.ones(5, 2, 3))[0], model(torch.ones(5, 2, 3))[0])
+
+
+def test_auto_memory_ends_with_the_parameter():
+    auto = backends.Auto()
+    args, _ = _layer(2, fire_all=False)
+    auto(*args)
+    assert len(auto._activity) == 1
+    theta = args[6]
+    del args
+    del theta
+    assert auto._activity == {}

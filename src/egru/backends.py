@@ -141,7 +141,11 @@ class Event:
         if reason is not None:
             self._fallback(reason)
             return functional.egru_layer(*args, **kwargs)
-        return self._run(*args, **kwargs, dense_forward=False)
+        return self._run(*args, **kwargs, dense_forward=self._dense_forward(x.shape[1], threshold))
+
+    def _dense_forward(self, batch: int, threshold) -> bool:
+        """Whether this call takes the dense recurrent forward product: never, here."""
+        return False
 
     def _fallback(self, reason: str) -> None:
         if reason not in self._warned:
@@ -195,19 +199,20 @@ class Auto(Event):
         t = self.tuning
         return batch >= t.auto_dense_min_batch and activity >= t.auto_activity_limit
 
-    @_outside_autocast
-    def __call__(self, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, *,
-                 lengths=None, zoneout_p=0.0, zoneout_mask=None, reverse=False) -> LayerOutput:
-        args = (x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate)
-        kwargs = dict(lengths=lengths, zoneout_p=zoneout_p, zoneout_mask=zoneout_mask,
-                      reverse=reverse)
-        if unsupported(x, weight_hh, surrogate) is not None:
-            return functional.egru_layer(*args, **kwargs)
-        if torch.compiler.is_compiling():
-            return self._run(*args, **kwargs, dense_forward=False)
-        out = self._run(*args, **kwargs,
-                        dense_forward=self.prefers_dense(x.shape[1], self.activity(threshold)))
-        self._remember(threshold, out.e, lengths)
+    def _fallback(self, reason: str) -> None:
+        pass  # auto chooses silently
+
+    def _dense_forward(self, batch: int, threshold) -> bool:
+        if torch.compiler.is_compiling():  # no memory a compiled graph could read
+            return False
+        return self.prefers_dense(batch, self.activity(threshold))
+
+    def _run(self, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate,
+             **kwargs) -> LayerOutput:
+        out = super()._run(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold,
+                           surrogate, **kwargs)
+        if not torch.compiler.is_compiling():
+            self._remember(threshold, out.e, kwargs["lengths"])
         return out
 
     def activity(self, threshold: torch.Tensor) -> float:
@@ -221,7 +226,12 @@ class Auto(Event):
         T, B, H = e.shape
         fired = np.count_nonzero(e.detach().numpy())
         valid = T * B if lengths is None else int(np.minimum(np.asarray(lengths), T).sum())
-        self._activity[id(threshold)] = (weakref.ref(threshold), fired / max(valid * H, 1))
+        key = id(threshold)
+        if key not in self._activity:  # forgotten with the parameter
+            forget = weakref.ref(threshold, lambda _: self._activity.pop(key, None))
+        else:
+            forget = self._activity[key][0]
+        self._activity[key] = (forget, fired / max(valid * H, 1))
 
 
 def _check_lengths(lengths, T: int, B: int) -> Optional[torch.Tensor]:
