@@ -3,13 +3,15 @@
     python benchmarks/lm_results.py runs/ptb-egru runs/ptb-gru runs/ptb-lstm
 
 Each row: validation and test perplexity of the best checkpoint, activity and backward sparsity
-per layer (test; in brackets, of all the EGRU's unit-steps), effective MACs per token of the
+per layer (test; in brackets, of all the model's unit-steps), effective MACs per token of the
 recurrent layers relative to a dense GRU of the same shapes, and training throughput.
 """
 
 import json
 import sys
 from pathlib import Path
+
+from egru.sparsity import dense_macs
 
 
 def row(run_dir: Path) -> str:
@@ -21,18 +23,17 @@ def row(run_dir: Path) -> str:
     layers = result["test"]["layers"]
     sparsity = " / ".join(f"{1 - l['activity']:.1%}" for l in layers.values())
     cfg = result["config"]
-    if cfg["model"] == "egru":  # the model as a whole: its unit-steps, every layer's units counted
-        sizes = [cfg["hidden_size"]] * (cfg["num_layers"] - 1) + [cfg["embedding_size"]]
-        active = sum(size * l["activity"] for size, l in zip(sizes, layers.values()))
-        sparsity += f" ({1 - active / sum(sizes):.1%})"
+    sizes = [cfg["hidden_size"]] * (cfg["num_layers"] - 1) + [cfg["embedding_size"]]
+    inputs = [cfg["embedding_size"]] + sizes[:-1]
+    # the model as a whole: its unit-steps, every layer's units counted
+    active = sum(size * l["activity"] for size, l in zip(sizes, layers.values()))
+    sparsity += f" ({1 - active / sum(sizes):.1%})"
     backward = " / ".join(f"{1 - l['backward_activity']:.1%}" for l in layers.values())
     effective = sum(l["effective_macs_per_token"] for l in layers.values())
-    # relative to a dense GRU of the same shapes, 3H(I + H) per layer; an LSTM's own dense
-    # count is 4H(I + H)
-    dense = sum(l["dense_macs_per_token"] for l in layers.values())
-    gru_dense = dense * 3 / 4 if result["config"]["model"] == "lstm" else dense
-    return (f"| {result['config']['model']} ({run_dir.name}) | {result['valid']['perplexity']:.1f} | {result['test']['perplexity']:.1f} | "
-            f"{sparsity} | {backward} | {effective / gru_dense:.2f} | {result['train_tokens_per_second']:,.0f} |")
+    gru_dense = sum(dense_macs(i, h) for i, h in zip(inputs, sizes))  # a dense GRU of the same shapes
+    return (f"| {cfg['model']} ({run_dir.name}) | {result['valid']['perplexity']:.1f} | "
+            f"{result['test']['perplexity']:.1f} | {sparsity} | {backward} | {effective / gru_dense:.2f} | "
+            f"{result['train_tokens_per_second']:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ import time
 
 import torch
 
-import egru
 from egru import data
-from egru.recipes import lm
+from egru.recipes import harness, lm
+from egru.recipes.cores import map_state
 
 
 def fresh(model_name: str, preset: str, vocab: int, seed: int):
@@ -39,35 +39,35 @@ def fresh(model_name: str, preset: str, vocab: int, seed: int):
 
 def trained(run_dir: str, data_dir):
     """A finished run's best model and its training text, batchified, (rows, batch)."""
-    ckpt = lm.load_checkpoint(f"{run_dir}/best.pt")
+    ckpt = harness.load_checkpoint(f"{run_dir}/best.pt", lm.LanguageModelTask)
     model = lm.model_from_checkpoint(ckpt)
     corpus = data.load_corpus(model.cfg.dataset, data_dir)
     return model, lm.batchify(corpus.train, model.cfg.batch_size)
 
 
 def step_times(model: lm.LanguageModel, tokens: torch.Tensor, steps: int, warmup: int):
-    """Per-step seconds of ``steps`` timed steps, and the mean activity per EGRU layer over five
-    more steps that record their events (recording is left out of the timed ones)."""
+    """Per-step seconds of ``steps`` timed steps, and the mean activity per layer over five more
+    steps that record it (recording is left out of the timed ones; a dense layer's is 1)."""
     cfg = model.cfg
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.0, cfg.beta2))
+    optimizer = harness.make_optimizer(model, cfg)  # the one training uses
     state = model.initial_state(cfg.batch_size)
     times, activity = [], {}
     for i in range(warmup + steps + 5):
         row = (i * cfg.bptt) % (tokens.shape[0] - cfg.bptt - 1)
         chunk = tokens[row:row + cfg.bptt + 1]
-        record = cfg.model == "egru" and i >= warmup + steps
+        record = i >= warmup + steps
         start = time.perf_counter()
         logits, state, records = model(chunk[:-1], state, record=record)
-        state = lm.map_state(torch.Tensor.detach, state)
+        state = map_state(torch.Tensor.detach, state)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[1:].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if warmup <= i < warmup + steps:
             times.append(time.perf_counter() - start)
-        for k, rec in enumerate(records):
-            activity.setdefault(k, []).append(egru.layer_stats(rec).activity)
+        for k, stats in enumerate(model.layer_stats(records)):
+            activity.setdefault(k, []).append(stats.activity)
     return times, {k: statistics.mean(v) for k, v in activity.items()}
 
 
@@ -87,11 +87,14 @@ def main(argv=None) -> None:
     sources = args.runs or args.models
     for round_ in range(args.rounds):
         for source in sources:
-            model, tokens = trained(source, args.data_dir) if args.runs else fresh(source, args.preset, args.vocab, 0)
+            if args.runs:
+                model, tokens = trained(source, args.data_dir)
+            else:
+                model, tokens = fresh(source, args.preset, args.vocab, 0)
             times, activity = step_times(model, tokens, args.steps, args.warmup)
             median = statistics.median(times)
             cfg = model.cfg
-            active = " / ".join(f"{a:.1%}" for a in activity.values()) or "-"
+            active = " / ".join(f"{a:.1%}" for a in activity.values())
             print(f"round {round_ + 1}  {source:<24} {cfg.model:<5} {median * 1e3:7.1f} ms/step  "
                   f"{cfg.bptt * cfg.batch_size / median:8,.0f} tokens/s  activity {active}", flush=True)
 

@@ -72,6 +72,11 @@ TRAIN_LM = ["train", "lm", "--run-dir", "RUN"]  # RUN: a run directory that must
     (["demo", "--train-size", "5000"], "egru demo: error: argument --train-size: expected an integer from 1 to"),
     (["demo", "--test-size", "0"], "egru demo: error: argument --test-size: expected an integer from 1 to"),
     (["demo", "--backend", "nope"], "egru demo: error: argument --backend: unknown backend 'nope'"),
+    (["train", "classify"], "egru train classify: error: the following arguments are required: --run-dir"),
+    (["train", "classify", "--run-dir", "RUN", "--model", "rnn"],
+     "egru train classify: error: argument --model: unknown model 'rnn'"),
+    (["train", "classify", "--run-dir", "RUN", "--hidden-size", "x"],
+     "egru train classify: error: argument --hidden-size: invalid int value: 'x'"),
 ])
 def test_usage_errors_are_one_line(tmp_path, capfd, argv, line):
     argv = [str(tmp_path / "run") if a == "RUN" else a for a in argv]
@@ -105,7 +110,7 @@ def _empty(path):
 
 
 def _without_vocab_size(path):
-    torch.save({"kind": lm.CHECKPOINT_KIND, "config": {}, "model": {}}, path)
+    torch.save({"kind": lm.LanguageModelTask.KIND, "config": {}, "model": {}}, path)
 
 
 def _something_else(path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from egru import cli, data
-from egru.recipes import lm, plots
+from egru.recipes import harness, lm, plots
 
 from conftest import data_dir
 from lm_worker import REAL_LOAD_CORPUS, small_corpus, tiny_config
@@ -58,7 +58,7 @@ def run_records(run_dir):
 
 @pytest.fixture
 def no_plots(monkeypatch):
-    monkeypatch.setattr(plots, "plot_language_model_run", lambda *args: None)
+    monkeypatch.setattr(plots, "plot_run", lambda *args: None)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("whole")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(data, "load_corpus", small_corpus)
-        patch.setattr(plots, "plot_language_model_run", lambda *args: None)
+        patch.setattr(plots, "plot_run", lambda *args: None)
         result = lm.train_and_evaluate(tiny_config(**RESUMABLE), run_dir, progress=False)
     return run_dir, result
 
@@ -126,14 +126,14 @@ def _after_backward(patch, tick):
 
 
 def _inside_optimizer_step(patch, tick):  # parameters updated, thresholds not yet clamped
-    make_optimizer = lm.make_optimizer
+    make_optimizer = harness.make_optimizer
 
     def patched(model, cfg):
         optimizer = make_optimizer(model, cfg)
         optimizer.register_step_post_hook(lambda *args: tick())
         return optimizer
 
-    patch.setattr(lm, "make_optimizer", patched)
+    patch.setattr(harness, "make_optimizer", patched)
 
 
 def _writing_a_checkpoint(patch, tick):  # written to the temporary file, not yet renamed
@@ -242,10 +242,9 @@ def test_presets_give_each_model_its_own_settings_and_flags_win():
     run = ["train", "lm", "--run-dir", "unused"]
     egru_cfg = cli.lm_config(parser.parse_args([*run, "--model", "egru"]))
     gru_cfg = cli.lm_config(parser.parse_args([*run, "--model", "gru"]))
-    for name, value in lm.PER_MODEL["cpu-small"]["egru"].items():
-        assert getattr(egru_cfg, name) == value
+    assert egru_cfg == lm.PRESETS["cpu-small-egru"]
     assert egru_cfg.dropconnect != gru_cfg.dropconnect
-    assert gru_cfg.dropconnect == lm.PRESETS["cpu-small"].dropconnect
+    assert gru_cfg == lm.PRESETS["cpu-small-gru"]
     assert (egru_cfg.model, gru_cfg.model) == ("egru", "gru")
     flagged = cli.lm_config(parser.parse_args([*run, "--model", "egru", "--dropconnect", "0.2"]))
     assert flagged.dropconnect == 0.2 and flagged.lr == egru_cfg.lr

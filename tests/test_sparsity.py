@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from egru import EGRU, layer_stats, model_stats
+from egru.sparsity import dense_layer_stats, dense_macs
 from torch.nn.utils.rnn import pack_padded_sequence
 
 
@@ -53,3 +54,20 @@ def test_silent_layer_costs_only_its_dense_input_product():
     _, _, (rec,) = layer(torch.randn(5, 2, 3), record=True)
     s = layer_stats(rec)
     assert s.activity == 0 and s.effective_macs == 3 * 4 * 3 * 5 * 2
+
+
+@pytest.mark.parametrize("rnn_class,gates", [(torch.nn.GRU, 3), (torch.nn.LSTM, 4)])
+def test_dense_macs_are_the_weight_entries_of_a_dense_layer(rnn_class, gates):
+    rnn = rnn_class(7, 5)
+    entries = rnn.weight_ih_l0.numel() + rnn.weight_hh_l0.numel()
+    assert dense_macs(7, 5, gates) == entries
+    stats = dense_layer_stats(7, 5, steps=11, gates=gates)
+    assert (stats.effective_macs, stats.dense_macs, stats.steps) == (11 * entries, 11 * entries, 11)
+    assert stats.activity_sparsity == stats.backward_sparsity == 0
+
+
+def test_an_egru_layer_costs_densely_what_a_gru_of_its_shape_does():
+    layer = EGRU(3, 4)
+    _, _, (rec,) = layer(torch.randn(5, 2, 3), record=True)
+    assert layer_stats(rec).dense_macs == dense_macs(3, 4) * 5 * 2 == sum(
+        p.numel() for p in layer.to_gru().parameters() if p.dim() == 2) * 5 * 2

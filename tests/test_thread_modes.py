@@ -1,6 +1,6 @@
-"""The choice between parallel and serial work by measurement (``egru.thread_modes``)."""
+"""The choice between parallel and serial work by measurement (``egru.kernels.thread_modes``)."""
 
-from egru.thread_modes import ThreadModes
+from egru.kernels.thread_modes import ThreadModes
 
 
 def test_thread_modes_follow_the_measured_faster_mode():

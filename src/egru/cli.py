@@ -10,6 +10,8 @@ from pathlib import Path
 
 import egru
 
+PREFIX = "config_"  # where a config field's option lands in the parsed arguments
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, ``egru <command>: error: ...`` (exit status 2),
@@ -35,56 +37,85 @@ def _int_in(low: int, high: int | None = None):
     return parse
 
 
-def _backend(name: str) -> str:
-    if name not in egru.available_backends():
-        raise argparse.ArgumentTypeError(
-            f"unknown backend {name!r}; expected one of {egru.available_backends()}")
-    return name
+def _choice(name: str, choices):
+    """An argparse type: one of ``choices``, else ``unknown <name> 'x'; expected one of ...``."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {name} {text!r}; expected one of {list(choices)}")
+        return text
+
+    return parse
 
 
-def _demo(args) -> int:
-    from egru.recipes import mnist1d
-
-    cfg = mnist1d.DemoConfig(**_overrides(args, mnist1d.DemoConfig))
-    if args.json and not Path(args.json).parent.is_dir():  # found out now, not after training
-        raise ValueError(f"cannot write {args.json}: its folder does not exist")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    print(f"Training an EGRU and a torch.nn.GRU ({cfg.hidden_size} units each) on MNIST-1D "
-          f"for {cfg.epochs} epochs, seed {cfg.seed}.", flush=True)
-    results = mnist1d.train_and_evaluate(cfg, progress=not args.no_progress)
-    print()
-    print(mnist1d.format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"\nresults written to {args.json}")
-    return 0
+def _declared(config_cls, name: str):
+    """The field ``name`` where it is first declared (a subclass may redeclare it with another
+    default, but the meaning stays with the first declaration), and that class."""
+    for klass in reversed(config_cls.__mro__):
+        if name in klass.__dict__.get("__annotations__", {}):
+            return klass.__dataclass_fields__[name], klass
 
 
-def _config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One ``--option`` per field of a config dataclass; unset options keep the preset's value."""
+def _config_arguments(parser: argparse.ArgumentParser, config_cls, title: str, shown, shown_as: str) -> None:
+    """One ``--option`` per field of a config dataclass, grouped by the class that declares it
+    (the recipe's own under ``title``), with its meaning, its choices and the value it takes when
+    not given (``shown``'s, described by ``shown_as``)."""
+    groups = {config_cls.__name__: parser.add_argument_group(title),
+              "CoreConfig": parser.add_argument_group("recurrent core"),
+              "TrainConfig": parser.add_argument_group("training")}
     for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
+        declared, klass = _declared(config_cls, f.name)
+        group = groups[klass.__name__]
+        flag, choices = "--" + f.name.replace("_", "-"), declared.metadata.get("choices")
+        default = getattr(shown, f.name)
+        if default is None:  # a field's metadata may say what None stands for
+            default = declared.metadata.get("none", "none")
+        text = f"{declared.metadata['help']} ({shown_as}: {default})"
+        text = text.replace("%", "%%")  # argparse formats help with %
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text,
+                               dest=PREFIX + f.name)
+        elif choices:
+            group.add_argument(flag, type=_choice(f.name, choices), choices=choices, default=None,
+                               help=text, dest=PREFIX + f.name)
         else:
-            kind = f.metadata.get("type") or (type(f.default) if f.default is not None else int)
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
+            kind = declared.metadata.get("type") or (type(f.default) if f.default is not None else int)
+            group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text,
+                               dest=PREFIX + f.name)
 
 
-def _overrides(args, config_cls) -> dict:
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+def _overrides(args) -> dict:
+    """The config fields given on the command line."""
+    return {k[len(PREFIX):]: v for k, v in vars(args).items() if k.startswith(PREFIX) and v is not None}
 
 
 def lm_config(args):
-    """The preset's configuration for the chosen model, with the options given on top."""
+    """The preset (for the chosen model) with the options given on top."""
     from egru.recipes import lm
 
-    return dataclasses.replace(lm.preset(args.preset, args.model), **_overrides(args, lm.LMConfig))
+    return dataclasses.replace(lm.preset(args.preset, getattr(args, PREFIX + "model")), **_overrides(args))
+
+
+def _summary(model: str, result: dict, metric: str, fmt: str) -> str:
+    """The final evaluations and, per layer, sparsity and MACs."""
+    splits = [s for s in ("valid", "test") if s in result]
+    lines = [f"{model}: " + ", ".join(f"{s} {metric} {result[s][metric]:{fmt}}" for s in splits)]
+    for name, layer in result[splits[-1]]["layers"].items():
+        lines.append(f"  {name}: activity sparsity {1 - layer['activity']:.1%}, "
+                     f"backward sparsity {1 - layer['backward_activity']:.1%}, "
+                     f"MACs/token {layer['effective_macs_per_token']:,.0f} "
+                     f"of {layer['dense_macs_per_token']:,.0f}")
+    if "train_tokens_per_second" in result:
+        lines.append(f"  training: {result['train_tokens_per_second']:,.0f} tokens/s")
+    return "\n".join(lines)
+
+
+def _finish(args, cfg, result: dict, metric: str, fmt: str) -> int:
+    if result:  # only the main process of a distributed run has one
+        print(_summary(cfg.model, result, metric, fmt))
+        with open(f"{args.run_dir}/results.json", "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
 
 
 def _train_lm(args) -> int:
@@ -93,23 +124,15 @@ def _train_lm(args) -> int:
     cfg = lm_config(args)
     result = lm.train_and_evaluate(cfg, args.run_dir, data_dir=args.data_dir, download=args.download,
                                    resume=args.resume, progress=not args.no_progress)
-    if result:
-        print(_lm_summary(cfg.model, result))
-        with open(f"{args.run_dir}/results.json", "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return _finish(args, cfg, result, "perplexity", ".2f")
 
 
-def _lm_summary(model: str, result: dict) -> str:
-    lines = [f"{model}: valid perplexity {result['valid']['perplexity']:.2f}, "
-             f"test perplexity {result['test']['perplexity']:.2f}"]
-    for name, layer in result["test"]["layers"].items():
-        lines.append(f"  {name}: activity sparsity {1 - layer['activity']:.1%}, "
-                     f"backward sparsity {1 - layer['backward_activity']:.1%}, "
-                     f"MACs/token {layer['effective_macs_per_token']:,.0f} of {layer['dense_macs_per_token']:,.0f}")
-    if "train_tokens_per_second" in result:
-        lines.append(f"  training: {result['train_tokens_per_second']:,.0f} tokens/s")
-    return "\n".join(lines)
+def _train_classify(args) -> int:
+    from egru.recipes import classify
+
+    cfg = classify.ClassifyConfig(**_overrides(args))
+    result = classify.train_and_evaluate(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    return _finish(args, cfg, result, "accuracy", ".1%")
 
 
 def _eval_lm(args) -> int:
@@ -122,49 +145,111 @@ def _eval_lm(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from egru.recipes import classify
+
+    cfg = classify.ClassifyConfig(**_overrides(args))
+    if args.json and not Path(args.json).parent.is_dir():  # found out now, not after training
+        raise ValueError(f"cannot write {args.json}: its folder does not exist")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    print(f"Training an EGRU and a torch.nn.GRU ({cfg.hidden_size} units each) on MNIST-1D "
+          f"for {cfg.epochs} epochs, seed {cfg.seed}.", flush=True)
+    results = classify.demo(cfg, args.run_dir, progress=not args.no_progress)
+    print()
+    print(classify.format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"\nresults written to {args.json}")
+    return 0
+
+
+def _demo_arguments(demo, defaults) -> None:
+    """The demo's few options: the classification recipe's, with its defaults."""
+    def option(flag, kind, help, **kw):
+        name = flag[2:].replace("-", "_")
+        kw.setdefault("metavar", None if "choices" in kw else name.upper())
+        demo.add_argument(flag, type=kind, dest=PREFIX + name, help=help, **kw)
+
+    option("--seed", _int_in(0, 2**32 - 1), "random seed (default: %(default)s)", default=defaults.seed)
+    option("--epochs", _int_in(1), "training epochs for each model (default: %(default)s)",
+           default=defaults.epochs)
+    option("--hidden-size", _int_in(1), "units in each recurrent layer (default: %(default)s)",
+           default=defaults.hidden_size)
+    option("--train-size", _int_in(1, 4000), "training sequences to use, at most 4000 (default: all)")
+    option("--test-size", _int_in(1, 1000), "test sequences to use, at most 1000 (default: all)")
+    option("--backend", _choice("backend", egru.available_backends()), "how the EGRU is computed "
+           "(default: %(default)s)", default=defaults.backend, choices=egru.available_backends())
+    demo.add_argument("--threads", type=_int_in(0), default=0, help="torch threads (default: torch's choice)")
+    demo.add_argument("--json", help="also write the results to this JSON file (default: only print them)")
+    demo.add_argument("--run-dir", help="keep both runs (checkpoints, metrics, plots) in RUN_DIR/egru and "
+                                        "RUN_DIR/gru (default: a temporary folder, removed)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from egru.recipes import classify, lm
+
     parser = _Parser(prog="egru", description="Event-based GRUs: activity-sparse RNNs.")
     parser.add_argument("--version", action="version", version=f"egru {egru.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train an EGRU and a GRU side by side on MNIST-1D (~2 minutes)",
+    demo = sub.add_parser("demo", help="train an EGRU and a GRU side by side on MNIST-1D (~1 minute)",
                           description="Train a small EGRU and a torch.nn.GRU of the same size on "
-                                      "MNIST-1D (generated locally) and compare accuracy, sparsity "
-                                      "and multiply-accumulates.")
-    demo.add_argument("--seed", type=_int_in(0, 2**32 - 1), help="random seed (default 0)")
-    demo.add_argument("--epochs", type=_int_in(1), help="training epochs for each model")
-    demo.add_argument("--hidden-size", type=_int_in(1), help="units in each recurrent layer")
-    demo.add_argument("--train-size", type=_int_in(1, 4000),
-                      help="training sequences to use (at most 4000)")
-    demo.add_argument("--test-size", type=_int_in(1, 1000), help="test sequences to use (at most 1000)")
-    demo.add_argument("--backend", type=_backend, help=f"EGRU backend, one of {egru.available_backends()}")
-    demo.add_argument("--threads", type=_int_in(0), default=0,
-                      help="torch threads (default: torch's choice)")
-    demo.add_argument("--json", help="also write the results to this JSON file")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+                                      "MNIST-1D (generated locally) with `egru train classify --task "
+                                      "mnist1d`'s defaults, and compare accuracy, sparsity and "
+                                      "multiply-accumulates.")
+    _demo_arguments(demo, classify.ClassifyConfig())
     demo.set_defaults(run=_demo)
 
-    from egru.recipes.lm import LMConfig, PRESETS
-
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", required=True)
-    train_lm = train.add_parser("lm", help="word-level language model (PTB, WikiText-2)",
-                                description="Train an EGRU, GRU or LSTM language model. Options not "
-                                            "given keep the preset's value.")
-    train_lm.add_argument("--preset", default="cpu-small", help=f"one of {sorted(PRESETS)}")
-    train_lm.add_argument("--run-dir", required=True, help="checkpoints, logs, metrics and plots go here")
-    train_lm.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    shown = "cpu-small-egru"
+    train_lm = train.add_parser(
+        "lm", help="word-level language model (PTB, WikiText-2)",
+        description="Train an EGRU, GRU or LSTM language model. Each option not given keeps the "
+                    f"preset's value; shown in brackets: {shown}'s (the default preset and model).")
+    train_lm.add_argument(
+        "--preset", default="cpu-small", type=_choice("preset", sorted(lm.PRESETS) + lm.FAMILIES),
+        choices=sorted(lm.PRESETS) + lm.FAMILIES,
+        help="the configuration to start from (default: %(default)s). A name without a model, "
+             "cpu-small, takes it from --model: cpu-small with --model gru is the preset "
+             "cpu-small-gru (its own learning rate and dropouts, not cpu-small-egru's with another "
+             "model); with other presets --model only changes the model")
+    _run_arguments(train_lm)
     _data_arguments(train_lm)
-    _config_arguments(train_lm, LMConfig)
+    _config_arguments(train_lm, lm.LMConfig, "language model", lm.PRESETS[shown], shown)
     train_lm.set_defaults(run=_train_lm)
+
+    train_classify = train.add_parser(
+        "classify", help="sequence classification (MNIST-1D)",
+        description="Train an EGRU, GRU or LSTM sequence classifier. Shown in brackets: the defaults.")
+    _run_arguments(train_classify)
+    train_classify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _config_arguments(train_classify, classify.ClassifyConfig, "classification", classify.ClassifyConfig(),
+                      "default")
+    train_classify.set_defaults(run=_train_classify)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
     eval_lm = evaluate.add_parser("lm", help="perplexity of a language-model checkpoint")
-    eval_lm.add_argument("checkpoint")
-    eval_lm.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    eval_lm.add_argument("checkpoint", help="a last.pt or best.pt of `egru train lm`")
+    eval_lm.add_argument("--split", default="test", choices=["train", "valid", "test"],
+                         help="the split to evaluate (default: %(default)s)")
     eval_lm.add_argument("--json", action="store_true", help="print everything as JSON")
     _data_arguments(eval_lm)
     eval_lm.set_defaults(run=_eval_lm)
     return parser
+
+
+def _run_arguments(parser) -> None:
+    parser.add_argument("--run-dir", required=True,
+                        help="checkpoints (last.pt, best.pt), metrics.jsonl, tensorboard/, plots and "
+                             "results.json go here")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its last.pt (options other than "
+                             "--max-steps must stay as they were)")
 
 
 def _data_arguments(parser) -> None:

@@ -3,7 +3,7 @@
 Everything here is computed from :class:`~egru.state.LayerRecord` s, the same way whichever
 backend produced them. Counts are for the forward pass: an event-driven layer does
 ``3H·(|inputs active| + |units active at the previous step|)`` MACs per sample and step, a
-dense one ``3H·(I + H)``.
+dense one ``3H·(I + H)`` (:func:`dense_macs`; an LSTM, with four gates, ``4H·(I + H)``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def layer_stats(record: LayerRecord) -> LayerStats:
         inputs = (record.input_active * valid).sum() * D
         recurrent = (record.recurrent_active * per_step).sum()
         effective = gate_rows * int(inputs + recurrent)
-        dense = gate_rows * (record.input_size + record.hidden_size) * n_valid * D
+        dense = dense_macs(record.input_size, record.hidden_size) * n_valid * D
     return LayerStats(activity, backward, effective, dense, n_valid)
 
 
@@ -64,3 +64,17 @@ def model_stats(records: list[LayerRecord]) -> LayerStats:
         dense_macs=sum(s.dense_macs for s in stats),
         steps=sum(s.steps for s in stats),
     )
+
+
+def dense_macs(input_size: int, hidden_size: int, gates: int = 3) -> int:
+    """MACs per sample and step of one dense recurrent layer (one direction): ``gates·H·(I + H)``,
+    the entries of its input and recurrent weight matrices. ``gates``: 3 for a GRU (and the EGRU
+    run densely), 4 for an LSTM."""
+    return gates * hidden_size * (input_size + hidden_size)
+
+
+def dense_layer_stats(input_size: int, hidden_size: int, steps: int, gates: int = 3) -> LayerStats:
+    """The :class:`LayerStats` of a dense layer (``torch.nn.GRU``/``LSTM``) over ``steps`` valid
+    (sample, step) pairs: every unit active, every MAC done."""
+    macs = dense_macs(input_size, hidden_size, gates) * steps
+    return LayerStats(activity=1.0, backward_activity=1.0, effective_macs=macs, dense_macs=macs, steps=steps)

@@ -1,1 +1,1 @@
-"""Experiments built on the public API: data, configs and thin training loops."""
+"""Experiments built on the public API: configs, recurrent cores, one training harness, recipes."""

@@ -1,9 +1,10 @@
-"""What every training recipe shares: seeding, atomic checkpoints, metrics, progress, ranks,
-Ctrl-C at a consistent point."""
+"""What every training recipe shares: checked configs, seeding, atomic checkpoints, metrics,
+progress, ranks, Ctrl-C at a consistent point."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -16,7 +17,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from egru.thread_modes import ThreadModes
+from egru.kernels.thread_modes import ThreadModes
+
+
+class Checked:
+    """The root of the recipes' config dataclasses: each class's ``__post_init__`` checks its
+    own fields and calls ``super().__post_init__()``, so every check of a combined config runs."""
+
+    def __post_init__(self):
+        pass
+
+
+def option(default, help: str, **metadata):
+    """A config field and its meaning, which ``--help`` shows (metadata: ``choices``, ``type``)."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def check(cfg, name: str, expected: str, valid) -> None:
+    """A ValueError naming the field, what it must be and what it is, unless ``valid(value)``."""
+    value = getattr(cfg, name)
+    if not valid(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def seed_everything(seed: int) -> None:
@@ -105,7 +130,7 @@ class DeferredInterrupt:
 
 class MeasuredTorchThreads:
     """Runs each step of a loop with all of torch's intra-op threads or with one, whichever is
-    measured to be faster now (:class:`egru.thread_modes.ThreadModes`).
+    measured to be faster now (:class:`egru.kernels.thread_modes.ThreadModes`).
 
     Small operations (a batch-1 evaluation's) synchronise torch's threads many times per step;
     with another process on the cores that made evaluation several times slower than on one
@@ -159,10 +184,8 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            prefix = record.get("split", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+            for tag, value in _scalars(record.get("split", "train"), record):
+                self.writer.add_scalar(tag, value, record["step"])
             self.writer.flush()
 
     def read(self) -> list:
@@ -181,3 +204,12 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _scalars(prefix: str, record: dict):
+    """(tag, number) for every number of a record, nested ones too: ``valid/layers/layer0/activity``."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from _scalars(f"{prefix}/{key}", value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            yield f"{prefix}/{key}", value

@@ -5,60 +5,69 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 import matplotlib
+
+import egru
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _records(run_dir: Path) -> list:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_language_model_run(run_dir, model, corpus, device, units: int = 48, tokens: int = 120) -> list:
-    """perplexity.png, activity.png (EGRU) and raster.png (EGRU) in ``run_dir``; returns their paths."""
+def plot_run(run_dir, task, model, units: int = 48) -> list:
+    """The learning curve (``<metric>.png``), ``activity.png`` (when some layer was not always
+    fully active) and ``raster.png`` (when the model has event-based layers) in ``run_dir``;
+    returns their paths."""
     run_dir = Path(run_dir)
-    records = _records(run_dir)
-    paths = []
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    paths = [plot_curve(run_dir, records, *task.curve, title=task.title)]
+    activity = [layer["activity"] for r in records for layer in r.get("layers", {}).values()]
+    if any(a < 1 for a in activity):
+        paths.append(plot_activity(run_dir, records))
+    events = [r for r in task.example_records(model) if isinstance(r, egru.LayerRecord)]
+    if events:
+        paths.append(plot_raster(run_dir, events, units))
+    return paths
 
+
+def plot_curve(run_dir: Path, records: list, metric: str, yscale: str, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for split, style in (("train", "-"), ("valid", "o-")):
-        pts = [(r["step"], r["perplexity"]) for r in records if r["split"] == split]
+        pts = [(r["step"], r[metric]) for r in records if r["split"] == split and metric in r]
         if pts:
             ax.plot(*zip(*pts), style, label=split, markersize=3)
-    ax.set(xlabel="step", ylabel="perplexity", yscale="log", title=f"{model.cfg.model} on {model.cfg.dataset}")
+    ax.set(xlabel="step", ylabel=metric, yscale=yscale, title=title)
     ax.legend()
-    paths.append(_save(fig, run_dir / "perplexity.png"))
+    return _save(fig, run_dir / f"{metric}.png")
 
-    if model.cfg.model != "egru":
-        return paths
+
+def plot_activity(run_dir: Path, records: list) -> Path:
+    """Each layer in one colour: training as a line, validation as dashed points."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for split, style in (("train", "-"), ("valid", "o--")):
-        pts = [(r["step"], r["layers"]) for r in records if r["split"] == split and "layers" in r]
-        for name in (pts[0][1] if pts else {}):
-            ax.plot([p[0] for p in pts], [p[1][name]["activity"] for p in pts], style,
-                    label=f"{name} ({split})", markersize=3)
+    names = sorted({name for r in records if r["split"] == "train" for name in r.get("layers", {})})
+    for i, name in enumerate(names):
+        color = f"C{i % 10}"  # matplotlib's colour cycle
+        for split, style in (("train", "-"), ("valid", "o--")):
+            pts = [(r["step"], r["layers"][name]["activity"]) for r in records
+                   if r["split"] == split and name in r.get("layers", {})]
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, label=f"{name} ({split})", markersize=3)
     ax.set(xlabel="step", ylabel="activity (fraction of units with an event)", title="activity per layer")
     ax.legend(fontsize=7)
-    paths.append(_save(fig, run_dir / "activity.png"))
+    return _save(fig, run_dir / "activity.png")
 
-    model.eval()
-    with torch.no_grad():
-        text = corpus.test[:tokens].view(-1, 1).to(device)
-        _, _, layer_records = model(text, model.initial_state(1), record=True)
+
+def plot_raster(run_dir: Path, layer_records: list, units: int) -> Path:
+    steps = layer_records[0].e.shape[0]
     fig, axes = plt.subplots(len(layer_records), 1, figsize=(8, 2 + 1.5 * len(layer_records)), squeeze=False)
     for i, (ax, rec) in enumerate(zip(axes[:, 0], layer_records)):
-        events = rec.e[:, 0, :units].cpu().T  # (units, T)
-        t, u = torch.nonzero(events.T, as_tuple=True)
+        events = rec.e[:, 0, :units].cpu()  # (T, units) of the first sequence
+        t, u = events.nonzero(as_tuple=True)
         ax.scatter(t.numpy(), u.numpy(), s=4, marker="|", color="black")
-        ax.set(ylabel=f"layer {i} unit", xlim=(-1, tokens), ylim=(-1, min(units, events.shape[0])))
-    axes[-1, 0].set_xlabel("test token")
-    fig.suptitle(f"events of the first {units} units over {tokens} test tokens")
-    paths.append(_save(fig, run_dir / "raster.png"))
-    return paths
+        ax.set(ylabel=f"layer {i} unit", xlim=(-1, steps), ylim=(-1, min(units, events.shape[1])))
+    axes[-1, 0].set_xlabel("step of a test sequence")
+    fig.suptitle(f"events of the first {units} units over {steps} steps of a test sequence")
+    return _save(fig, run_dir / "raster.png")
 
 
 def _save(fig, path: Path) -> Path:

@@ -1,0 +1,264 @@
+"""Sequence classification: a stack of recurrent cores and a linear readout, trained through the
+harness (:mod:`.harness`). ``egru demo`` trains an EGRU and a GRU side by side with it.
+
+Tasks: ``mnist1d`` (Greydanus & Kobak), generated locally by the ``mnist1d`` package: 4,000
+training and 1,000 test sequences of 40 steps, one value per step, 10 classes. It has no
+validation split: nothing is validated during training and ``best.pt`` is the final model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import harness
+from .common import check, option, positive_int
+from .cores import CoreConfig, core_config, make_core
+from .harness import Batch, LayerTotals, TrainConfig
+
+
+@dataclass
+class Sequences:
+    """Labelled sequences per split (``train``, ``test``, maybe ``valid``): x (N, T, I) float,
+    y (N,) long."""
+
+    splits: dict
+    num_classes: int
+
+
+def load_mnist1d(seed: int = 42) -> Sequences:
+    """MNIST-1D: x (N, 40, 1), 10 classes."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:
+        raise ImportError("the mnist1d task needs the mnist1d package: pip install 'egru[demo]'") from err
+    args = get_dataset_args()
+    args.seed = seed
+    state = np.random.get_state()  # make_dataset reseeds numpy's global generator
+    try:
+        raw = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    as_x = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float().unsqueeze(-1)  # noqa: E731
+    as_y = lambda a: torch.from_numpy(np.asarray(a)).long()  # noqa: E731
+    return Sequences({"train": (as_x(raw["x"]), as_y(raw["y"])),
+                      "test": (as_x(raw["x_test"]), as_y(raw["y_test"]))}, num_classes=10)
+
+
+TASKS = {"mnist1d": load_mnist1d}
+
+
+@dataclass(frozen=True)
+class ClassifyConfig(TrainConfig, CoreConfig):
+    task: str = option("mnist1d", "the data set", choices=tuple(TASKS))
+    hidden_size: int = option(128, "units of each recurrent layer")
+    num_layers: int = option(1, "recurrent layers")
+    train_size: Optional[int] = option(None, "use the first this many training sequences", type=int,
+                                       none="all")
+    test_size: Optional[int] = option(None, "use the first this many test sequences", type=int, none="all")
+    # Classification's own defaults of the harness's and the cores' fields (those of the demo):
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    lr: float = 1e-2
+    threshold_lr: float = 1e-2
+    epochs: int = 30
+    pseudo_derivative_support: float = 2.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {tuple(TASKS)}")
+        for name in ("hidden_size", "num_layers"):
+            check(self, name, "a positive integer", positive_int)
+        for name in ("train_size", "test_size"):
+            check(self, name, "a positive integer or None", lambda v: v is None or positive_int(v))
+
+
+class Classifier(nn.Module):
+    """Recurrent cores over the sequence; a linear readout of the last core's features."""
+
+    def __init__(self, cfg: ClassifyConfig, input_size: int, num_classes: int):
+        super().__init__()
+        H = cfg.hidden_size
+        self.layers = nn.ModuleList(make_core(core_config(cfg), input_size if i == 0 else H, H)
+                                    for i in range(cfg.num_layers))
+        self.readout = nn.Linear(H, num_classes)
+
+    def forward(self, x: torch.Tensor, record: bool = False):
+        """x (T, B, I) → logits (B, classes) and (with record) each layer's record."""
+        records = []
+        for layer in self.layers:
+            x, _, rec = layer(x, None, record=record)
+            records.append(rec)
+        return self.readout(self.layers[-1].features(x)), records if record else []
+
+    def layer_stats(self, records: list) -> list:
+        return [layer.stats(rec) for layer, rec in zip(self.layers, records)]
+
+
+@torch.no_grad()
+def evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             stop=lambda: False) -> Optional[dict]:
+    """Mean cross-entropy, accuracy and per-layer sparsity over a split; None when ``stop()``
+    turns true between two batches."""
+    model.eval()
+    total_loss, correct, layers = 0.0, 0, LayerTotals()
+    for i in range(0, len(x), batch_size):
+        if stop():
+            return None
+        logits, records = model(x[i:i + batch_size].transpose(0, 1), record=True)
+        total_loss += nn.functional.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
+        correct += int((logits.argmax(-1) == y[i:i + batch_size]).sum())
+        layers.add(model.layer_stats(records))
+    return {"loss": total_loss / len(x), "accuracy": correct / len(x), "sequences": len(x),
+            "layers": layers.summary()}
+
+
+def model_from_checkpoint(ckpt: dict) -> Classifier:
+    cfg = ClassifyConfig(**ckpt["config"])
+    model = Classifier(cfg, ckpt["input_size"], ckpt["num_classes"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise ValueError(f"the checkpoint does not fit a {cfg.model} classifier: {err}") from err
+    return model
+
+
+class ClassifyTask:
+    """Classification for :func:`harness.train`: one shuffled pass over the training set per
+    epoch, each process on its own part of every batch."""
+
+    KIND = "egru-classifier"
+    WHAT = "egru classifier checkpoint"
+    KEYS = ("config", "input_size", "num_classes", "model", "optimizer", "position", "rng")
+    CONFIG = ClassifyConfig
+    curve = ("loss", "linear")
+    model_from_checkpoint = staticmethod(model_from_checkpoint)
+
+    def __init__(self, cfg: ClassifyConfig, sequences: Sequences, device, world: harness.World):
+        self.cfg, self.device, self.world = cfg, device, world
+        self.title = f"{cfg.model} on {cfg.task}"
+        sizes = {"train": cfg.train_size, "test": cfg.test_size}
+        self.data = {}
+        for split, (x, y) in sequences.splits.items():
+            n = sizes.get(split) or len(x)
+            if n > len(x):
+                raise ValueError(f"{split}_size {n} is larger than {cfg.task}'s {len(x)} {split} sequences")
+            self.data[split] = (x[:n].to(device), y[:n].to(device))
+        self.splits = tuple(s for s in ("valid", "test") if s in self.data)
+        self.num_classes, self.input_size = sequences.num_classes, self.data["train"][0].shape[-1]
+        self.steps_per_epoch = -(-len(self.data["train"][0]) // cfg.batch_size)
+        self.epoch_starts = [e * self.steps_per_epoch for e in range(cfg.epochs + 1)]
+
+    def build_model(self) -> Classifier:
+        return Classifier(self.cfg, self.input_size, self.num_classes)
+
+    def begin(self, model: Classifier, ckpt) -> None:
+        # The epochs' orders come one after another from one generator: a resumed run draws the
+        # earlier ones again to reach its own.
+        self.model = model
+        self.generator, self.order_epoch = torch.Generator().manual_seed(self.cfg.seed), -1
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        while self.order_epoch < epoch:
+            self.order = torch.randperm(len(self.data["train"][0]), generator=self.generator)
+            self.order_epoch += 1
+        return self.order
+
+    def batch(self, step: int) -> Batch:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        bs = self.cfg.batch_size
+        index = self._order(epoch)[i * bs:(i + 1) * bs].tensor_split(self.world.size)[self.world.rank]
+        x, y = self.data["train"]
+        inputs = x[index.to(x.device)].transpose(0, 1)  # (T, B, I)
+        return Batch((inputs, y[index.to(y.device)]), epoch, step / self.epoch_starts[-1],
+                     inputs.shape[0] * inputs.shape[1])
+
+    def loss(self, net, batch: Batch, record: bool):
+        inputs, targets = batch.data
+        logits, records = net(inputs, record=record)
+        loss = nn.functional.cross_entropy(logits, targets)
+        return loss, self.model.layer_stats(records) if record else None
+
+    def train_metrics(self, loss: float) -> dict:
+        return {}
+
+    def evaluate(self, model, split: str, progress: bool = False, stop=lambda: False) -> Optional[dict]:
+        return evaluate(model, *self.data[split], self.cfg.eval_batch_size, stop)
+
+    def score(self, result: dict) -> float:
+        return 1 - result["accuracy"]  # the error rate
+
+    def checkpoint_state(self) -> dict:
+        return {"input_size": self.input_size, "num_classes": self.num_classes}
+
+    @torch.no_grad()
+    def example_records(self, model: Classifier) -> list:
+        model.eval()
+        return model(self.data["test"][0][:1].transpose(0, 1), record=True)[1]
+
+
+def train_and_evaluate(cfg: ClassifyConfig, run_dir, *, sequences: Optional[Sequences] = None,
+                       resume: bool = False, progress: bool = True, tensorboard: bool = True,
+                       plots: bool = True) -> dict:
+    """Train a classifier (see :func:`harness.train`); return its final evaluations.
+    ``sequences``: the task's data when already loaded."""
+
+    def make_task(device, world):
+        return ClassifyTask(cfg, sequences or TASKS[cfg.task](), device, world)
+
+    return harness.train(make_task, cfg, run_dir, resume=resume, progress=progress, tensorboard=tensorboard,
+                         plots=plots, desc=f"train {cfg.model}")
+
+
+# --- the demo: an EGRU and a GRU side by side -------------------------------------------------
+
+def demo(cfg: ClassifyConfig, run_dir=None, *, progress: bool = True) -> dict:
+    """Train ``cfg`` with an EGRU and with a GRU (in run_dir/egru and run_dir/gru; without a
+    run_dir, in a temporary folder and without TensorBoard or plots); return each model's test
+    metrics, summed over its layers (rates: their mean)."""
+    sequences = TASKS[cfg.task]()
+    results = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}}
+    with tempfile.TemporaryDirectory(prefix="egru-demo-") as scratch:
+        for model in ("egru", "gru"):
+            side = dataclasses.replace(cfg, model=model)
+            result = train_and_evaluate(side, Path(run_dir or scratch) / model, sequences=sequences,
+                                        progress=progress, tensorboard=bool(run_dir), plots=bool(run_dir))
+            results[model] = _side(result)
+    return results
+
+
+def _side(result: dict) -> dict:
+    test, layers = result["test"], result["test"]["layers"].values()
+    return {
+        "test_accuracy": test["accuracy"],
+        "activity_sparsity": 1 - sum(l["activity"] for l in layers) / len(layers),
+        "backward_sparsity": 1 - sum(l["backward_activity"] for l in layers) / len(layers),
+        "effective_macs_per_step": sum(l["effective_macs_per_token"] for l in layers),
+        "dense_macs_per_step": sum(l["dense_macs_per_token"] for l in layers),
+        "train_seconds": result["train_seconds"],
+    }
+
+
+def format_table(results: dict) -> str:
+    e, g = results["egru"], results["gru"]
+    rows = [
+        ("", "EGRU", "GRU"),
+        ("test accuracy", f"{e['test_accuracy']:.1%}", f"{g['test_accuracy']:.1%}"),
+        ("activity sparsity", f"{e['activity_sparsity']:.1%}", f"{g['activity_sparsity']:.1%}"),
+        ("backward sparsity", f"{e['backward_sparsity']:.1%}", f"{g['backward_sparsity']:.1%}"),
+        ("MACs per step (recurrent layers)", f"{e['effective_macs_per_step']:,.0f}",
+         f"{g['effective_macs_per_step']:,.0f}"),
+        ("MACs relative to GRU", f"{e['effective_macs_per_step'] / g['effective_macs_per_step']:.2f}",
+         "1.00"),
+        ("training time", f"{e['train_seconds']:.0f} s", f"{g['train_seconds']:.0f} s"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{width}}  {b:>10}  {c:>10}" for a, b, c in rows)

@@ -1,0 +1,137 @@
+"""Recurrent cores behind one interface, so that recipes never ask which model they run.
+
+A core is one recurrent layer over time: ``core(x, state, record=False) -> (out, state, record)``
+with ``x`` of shape (T, B, I), ``out`` (T, B, H) and a state of (1, B, H) tensors that goes in and
+comes out; ``core.initial_state(B, like)`` is its zero state, ``core.features(out)`` what a
+readout of the whole sequence reads (B, H), ``core.stats(record)`` the call's
+:class:`egru.LayerStats` (activity, MACs). ``make_core(cfg, I, H)`` builds the one ``cfg.model``
+names: the EGRU, or a ``torch.nn.GRU``/``LSTM`` baseline with DropConnect on its recurrent weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+import egru
+from egru.sparsity import dense_layer_stats
+
+from .common import Checked, check, option
+
+MODELS = ("egru", "gru", "lstm")  # the keys of CORES, below
+
+
+@dataclass(frozen=True)
+class CoreConfig(Checked):
+    """What builds a core; the recipes' configs inherit these fields."""
+
+    model: str = option("egru", "the recurrent core", choices=MODELS)
+    threshold_mean: float = option(0.1, "EGRU: mean of the initial thresholds")
+    dampening_factor: float = option(0.7, "EGRU: height of the triangle surrogate gradient")
+    pseudo_derivative_support: float = option(1.0, "EGRU: inverse half-width of the triangle surrogate")
+    zoneout: float = option(0.0, "EGRU: probability that a unit keeps its previous internal state")
+    dropconnect: float = option(0.0, "probability of dropping a recurrent weight, one mask per call")
+    backend: str = option("auto", "how the EGRU is computed", choices=tuple(egru.available_backends()))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; expected one of {MODELS}")
+        if self.backend not in egru.available_backends():
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {egru.available_backends()}")
+        # Comparisons with NaN are false: NaN is refused too.
+        for name in ("dampening_factor", "pseudo_derivative_support"):
+            check(self, name, "a positive number", lambda v: v > 0 and math.isfinite(v))
+        for name in ("dropconnect", "zoneout"):
+            check(self, name, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+class EventCore(egru.EGRU):
+    """The EGRU as a core. A subclass rather than a wrapper, so that parameter names (and so
+    checkpoints) are those of ``egru.EGRU``."""
+
+    def __init__(self, cfg: CoreConfig, input_size: int, hidden_size: int):
+        super().__init__(input_size, hidden_size, dropconnect=cfg.dropconnect, zoneout=cfg.zoneout,
+                         dampening_factor=cfg.dampening_factor,
+                         pseudo_derivative_support=cfg.pseudo_derivative_support,
+                         threshold_mean=cfg.threshold_mean, backend=cfg.backend)
+
+    def forward(self, x, state=None, record: bool = False):
+        out = super().forward(x, state, record=record)
+        return out[0], out[1], out[2][0] if record else None
+
+    def initial_state(self, batch_size: int, like: torch.Tensor):
+        zero = like.new_zeros(1, batch_size, self.hidden_size)
+        return zero, zero.clone()
+
+    def features(self, out: torch.Tensor) -> torch.Tensor:
+        # The events are sparse in time: a readout of the last step alone would see mostly zeros.
+        return egru.functional.output_trace(out)[-1]
+
+    def stats(self, record) -> egru.LayerStats:
+        return egru.layer_stats(record)
+
+
+class DenseRecord(NamedTuple):
+    """What a dense core did: every unit, every step."""
+
+    steps: int  # (sample, step) pairs
+
+
+class DenseCore(nn.Module):
+    """A ``torch.nn.GRU`` or ``LSTM`` whose ``weight_hh_l0`` gets a DropConnect mask per call."""
+
+    GATES = {nn.GRU: 3, nn.LSTM: 4}
+
+    def __init__(self, cfg: CoreConfig, input_size: int, hidden_size: int, rnn_class=nn.GRU):
+        super().__init__()
+        self.rnn, self.p = rnn_class(input_size, hidden_size), cfg.dropconnect
+        self.gates = self.GATES[rnn_class]
+
+    def forward(self, x, state=None, record: bool = False):
+        if self.training and self.p > 0:
+            w = self.rnn.weight_hh_l0
+            dropped = {"weight_hh_l0": w * egru.functional.dropconnect_mask(w, self.p)}
+            out, state = torch.func.functional_call(self.rnn, dropped, (x, state))
+        else:
+            out, state = self.rnn(x, state)
+        return out, state, DenseRecord(x.shape[0] * x.shape[1]) if record else None
+
+    def initial_state(self, batch_size: int, like: torch.Tensor):
+        zero = like.new_zeros(1, batch_size, self.rnn.hidden_size)
+        return (zero, zero.clone()) if isinstance(self.rnn, nn.LSTM) else zero  # (h, c) or h
+
+    def features(self, out: torch.Tensor) -> torch.Tensor:
+        return out[-1]
+
+    def stats(self, record: DenseRecord) -> egru.LayerStats:
+        return dense_layer_stats(self.rnn.input_size, self.rnn.hidden_size, record.steps, self.gates)
+
+
+CORES = {
+    "egru": EventCore,
+    "gru": lambda cfg, i, h: DenseCore(cfg, i, h, nn.GRU),
+    "lstm": lambda cfg, i, h: DenseCore(cfg, i, h, nn.LSTM),
+}
+
+
+def core_config(cfg, **changes) -> CoreConfig:
+    """The core fields of a recipe's config (which inherits them), with ``changes``."""
+    fields = {name: getattr(cfg, name) for name in CoreConfig.__dataclass_fields__}
+    return CoreConfig(**{**fields, **changes})
+
+
+def make_core(cfg: CoreConfig, input_size: int, hidden_size: int) -> nn.Module:
+    return CORES[cfg.model](cfg, input_size, hidden_size)
+
+
+def map_state(fn, state):
+    """Apply ``fn`` to every tensor of a (nested) state, keeping its structure."""
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    items = [map_state(fn, s) for s in state]
+    return type(state)(*items) if hasattr(state, "_fields") else type(state)(items)

@@ -1,0 +1,450 @@
+"""One training loop for every recipe: config → model → steps → checkpoints → metrics → plots.
+
+A task (``lm.LanguageModelTask``, ``classify.ClassifyTask``) says what is trained; the harness
+does the rest, the same way for all: the learning-rate schedule, gradient clipping, the
+thresholds' projection into [0, 1], validation and checkpoints (atomic ``last.pt`` and
+``best.pt``, resumable to the same numbers), Ctrl-C at a step boundary, DistributedDataParallel
+under ``torchrun``, ``metrics.jsonl`` (+ TensorBoard), a progress bar in steps, and plots.
+
+A task has:
+
+* ``KIND``, ``WHAT``, ``KEYS``, ``CONFIG``: its checkpoints' kind, name for messages, keys, and
+  config class (a :class:`TrainConfig`);
+* ``cfg``; ``splits``: the splits evaluated at the end, ``"valid"`` first when there is one
+  (without it nothing is validated during training and ``best.pt`` is the final model);
+  ``epoch_starts``: the step at which each epoch starts, then the total number of steps;
+* ``build_model()``; ``begin(model, ckpt)``: its own state at the start (ckpt: None or resumed);
+* ``batch(step) -> Batch``: this process's part of the step's batch;
+* ``loss(net, batch, record) -> (loss, per-layer LayerStats or None)``; ``train_metrics(loss)``:
+  what else a training loss says (say, perplexity);
+* ``evaluate(model, split, progress, stop) -> dict | None`` (None: ``stop()`` turned true) with
+  ``"loss"`` and ``"layers"``; ``score(result)``: lower is better;
+* ``checkpoint_state()`` (every process calls it) and ``model_from_checkpoint(ckpt)``;
+* ``curve``: (metric, y scale) of the plotted learning curve; ``example_records(model)``: the
+  per-layer records of one test sequence, for the event raster.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import egru
+
+from .common import (Checked, DeferredInterrupt, MetricsLog, check, default_device, is_main_process,
+                     option, positive_int, progress_bar, rng_state, save_atomic, seed_everything,
+                     set_rng_state)
+
+
+@dataclass(frozen=True)
+class TrainConfig(Checked):
+    """What the harness needs of a recipe's config (which inherits these fields)."""
+
+    batch_size: int = option(32, "sequences per training step (over all processes)")
+    eval_batch_size: int = option(32, "sequences per evaluation batch")
+    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    threshold_lr: float = option(0.0, "the EGRU thresholds' learning rate (0 freezes them)")
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay (not on thresholds)")
+    beta1: float = option(0.9, "AdamW's first-moment decay")
+    beta2: float = option(0.999, "AdamW's second-moment decay")
+    clip: float = option(0.0, "largest gradient norm (0: no clipping)")
+    epochs: int = option(10, "passes over the training data; the schedule spans them")
+    max_steps: Optional[int] = option(None, "stop after this many steps (the schedule still spans epochs)",
+                                      none="no limit")
+    constant_fraction: float = option(0.0, "part of training at the peak learning rate, then cosine to 0")
+    eval_every: int = option(0, "validate every this many steps (0: after each epoch)")
+    log_every: int = option(20, "log training loss and per-layer activity every this many steps")
+    seed: int = option(0, "random seed")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("batch_size", "eval_batch_size", "epochs", "log_every"):
+            check(self, name, "a positive integer", positive_int)
+        check(self, "max_steps", "a positive integer or None", lambda v: v is None or positive_int(v))
+        check(self, "eval_every", "0 or a positive integer", lambda v: isinstance(v, int) and v >= 0)
+        check(self, "seed", "an integer from 0 to 2**32 - 1",  # what numpy's seed accepts
+              lambda v: isinstance(v, int) and 0 <= v < 2**32)
+        # Comparisons with NaN are false: NaN is refused too.
+        check(self, "lr", "a positive number", lambda v: v > 0 and math.isfinite(v))
+        for name in ("threshold_lr", "weight_decay", "clip"):
+            check(self, name, "a number >= 0", lambda v: v >= 0 and math.isfinite(v))
+        for name in ("beta1", "beta2"):
+            check(self, name, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        check(self, "constant_fraction", "a number in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+class Batch(NamedTuple):
+    data: Any  # what the task's loss takes
+    epoch: int
+    progress: float  # fraction of the schedule done before this step, in [0, 1)
+    tokens: int  # (sequence, step) pairs of this process, for the throughput
+    # The task's own factor on this step's learning rate, as (numerator, denominator): multiplied,
+    # then divided, as AWD's code does, which keeps its learning rates to the last bit.
+    lr_ratio: tuple = (1, 1)
+
+
+@dataclass
+class Position:
+    """Where a run stands; with the model, optimizer, random generators and the task's own state
+    in a checkpoint, all that resuming needs."""
+
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    best: float = math.inf  # best validation score so far (lower is better)
+    validated_step: int = 0  # the last step validated (an interrupted validation is redone)
+
+    @classmethod
+    def restore(cls, saved: dict) -> "Position":
+        """From a checkpoint, written by this version or by the language model's first one."""
+        return cls(step=saved["step"], epoch=saved["epoch"],
+                   best=saved.get("best", saved.get("best_valid", math.inf)),
+                   validated_step=saved.get("validated_step", saved["step"]))
+
+
+def lr_factor(progress: float, constant_fraction: float) -> float:
+    """Constant, then cosine to zero. ``progress`` in [0, 1] is the fraction of training done."""
+    if progress <= constant_fraction:
+        return 1.0
+    x = (progress - constant_fraction) / max(1 - constant_fraction, 1e-12)
+    return 0.5 * (1 + math.cos(math.pi * min(x, 1.0)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; the thresholds in a group of their own, at their own rate, without weight decay."""
+    thresholds = [p for n, p in model.named_parameters() if ".threshold" in n]
+    others = [p for n, p in model.named_parameters() if ".threshold" not in n]
+    groups = [{"params": others, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if thresholds:
+        groups.append({"params": thresholds, "lr": cfg.threshold_lr, "base_lr": cfg.threshold_lr,
+                       "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+class LayerTotals:
+    """Per-layer :class:`egru.LayerStats` summed over calls: rates per step, MACs per token
+    (a token: one step of one sequence)."""
+
+    def __init__(self):
+        self.sums: dict = {}
+
+    def add(self, stats: list) -> "LayerTotals":
+        for i, s in enumerate(stats):
+            act, back, eff, dense, steps = self.sums.get(i, (0.0, 0.0, 0, 0, 0))
+            self.sums[i] = (act + s.activity * s.steps, back + s.backward_activity * s.steps,
+                            eff + s.effective_macs, dense + s.dense_macs, steps + s.steps)
+        return self
+
+    def summary(self) -> dict:
+        return {f"layer{i}": {"activity": act / max(steps, 1),
+                              "backward_activity": back / max(steps, 1),
+                              "effective_macs_per_token": eff / max(steps, 1),
+                              "dense_macs_per_token": dense / max(steps, 1)}
+                for i, (act, back, eff, dense, steps) in sorted(self.sums.items())}
+
+
+# --- processes --------------------------------------------------------------------------------
+
+class World(NamedTuple):
+    rank: int
+    size: int
+    group: Any  # a gloo group for Ctrl-C flags (None in a single process)
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over all processes."""
+        value = value.detach().clone()
+        if self.distributed:
+            dist.all_reduce(value)
+            value /= self.size
+        return value.item()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process; every process calls this at the same points.
+        Through gloo: a CPU all-reduce, which does not wait for a GPU."""
+        if not self.distributed:
+            return flag
+        tensor = torch.tensor([float(flag)])
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return tensor.item() > 0
+
+    def gather(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Every process's ``t`` concatenated along ``dim`` (the inverse of :func:`shard`)."""
+        if not self.distributed:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim=dim)
+
+
+def start_processes(device: torch.device) -> World:
+    """Join the process group that ``torchrun`` describes in the environment, if any: NCCL
+    between GPUs, gloo between CPU processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return World(0, 1, None)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), dist.new_group(backend="gloo"))
+
+
+def shard(batch: torch.Tensor, world: World, dim: int = 1) -> torch.Tensor:
+    """This process's equal part of a batch along ``dim`` (its size divisible by the world's)."""
+    per = batch.shape[dim] // world.size
+    return batch.narrow(dim, world.rank * per, per)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def load_checkpoint(path, task_class) -> dict:
+    """A checkpoint of ``task_class``'s kind; a ValueError for anything else."""
+    path, what = Path(path), task_class.WHAT
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # what torch.load raises on a foreign file depends on its bytes
+        message = f"{path} is not an {what} ({type(err).__name__}: {err})"
+        raise ValueError(message.replace("\n", " ")) from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != task_class.KIND:
+        raise ValueError(f"{path} is not an {what}")
+    missing = [key for key in task_class.KEYS if key not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is an incomplete {what}: it lacks {', '.join(missing)}")
+    try:
+        task_class.CONFIG(**ckpt["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} holds a configuration this version cannot use: {err}") from None
+    return ckpt
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+class Progress:
+    """A progress bar in steps (on the main process, when tqdm is installed)."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
+        self.bar = progress_bar(total, desc, enabled, initial=initial)
+
+    def show(self, entry: dict, metrics: dict) -> None:
+        """A training log entry and the task's metrics of it, after the bar."""
+        if self.bar is None:
+            return
+        shown = {"loss": f"{entry['loss']:.3f}", **{k: f"{v:.4g}" for k, v in metrics.items()}}
+        shown["tok_s"] = f"{entry['tokens_per_second']:.0f}"
+        if "layers" in entry:
+            layers = entry["layers"].values()
+            shown["act"] = f"{sum(v['activity'] for v in layers) / len(layers):.1%}"
+        self.bar.set_postfix(shown, refresh=False)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(make_task, cfg: TrainConfig, run_dir, *, resume: bool = False, progress: bool = True,
+          tensorboard: bool = True, plots: bool = True, desc: str = "train") -> dict:
+    """Train the task ``make_task(device, world)`` builds; return its final evaluations.
+
+    Checkpoints go to ``run_dir/last.pt`` (after every validation, at the end, and on Ctrl-C)
+    and ``run_dir/best.pt`` (best validation score). A first Ctrl-C stops at the next step
+    boundary (abandoning an evaluation under way, which resuming redoes), saves ``last.pt``
+    there and raises KeyboardInterrupt; a second one raises at once and saves nothing.
+    """
+    run_dir = Path(run_dir)
+    device = default_device()
+    world = start_processes(device)
+    if cfg.batch_size % world.size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world.size} processes")
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ValueError(f"{run_dir} already holds a run: continue it with --resume, "
+                         "or choose another --run-dir")
+    task = make_task(device, world)
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(run_dir / "last.pt", type(task))
+        if dataclasses.replace(task.CONFIG(**ckpt["config"]), max_steps=cfg.max_steps) != cfg:
+            raise ValueError("the run directory holds a run with a different configuration; "
+                             "resume it without changing options other than --max-steps")
+    return Trainer(task, run_dir, device, world, ckpt, progress, tensorboard, plots, desc).run()
+
+
+class Trainer:
+    """The loop of :func:`train`, one small method per concern."""
+
+    def __init__(self, task, run_dir: Path, device, world: World, ckpt, progress, tensorboard, plots, desc):
+        self.task, self.cfg, self.run_dir, self.device, self.world = task, task.cfg, run_dir, device, world
+        self.progress, self.plots = progress, plots
+        seed_everything(self.cfg.seed)
+        self.model = task.build_model().to(device)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        egru.keep_thresholds_in_range(self.optimizer, self.model)
+        self.position = Position()
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.position = Position.restore(ckpt["position"])
+            set_rng_state(ckpt["rng"])
+        task.begin(self.model, ckpt)
+        self.net = nn.parallel.DistributedDataParallel(self.model) if world.distributed else self.model
+        planned = task.epoch_starts[-1]
+        self.total_steps = min(planned, self.cfg.max_steps or planned)
+        self.log = MetricsLog(run_dir, tensorboard) if is_main_process() else None
+        if self.log is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if ckpt is not None:  # what comes after the checkpoint is redone, a finished run's summary too
+                step = self.position.step
+                self.log.keep(lambda r: r["step"] <= step and not r["split"].startswith("best_"))
+        self.bar = Progress(self.total_steps, self.position.step, desc, progress)
+        self.train_seconds, self.tokens_seen = 0.0, 0
+
+    def run(self) -> dict:
+        with DeferredInterrupt() as self.interrupt:
+            try:
+                self.model.train()
+                while True:
+                    # A step boundary: the only place where the position, the parameters, the
+                    # optimizer, the random generators and the task's state all agree.
+                    if self.validation_due():
+                        self.validate()
+                    if self.world.any(self.interrupt.requested):
+                        self.save("last.pt")
+                        self.stop()
+                    if self.finished():
+                        break
+                    self.step()
+            finally:
+                self.bar.close()
+            result = self.evaluate_best() if is_main_process() else {}
+            if self.world.any(self.interrupt.requested):  # the other processes wait here for the main one
+                self.stop()  # last.pt, from the last validation, already holds the finished training
+        if is_main_process():
+            self.summarise(result)
+        return result
+
+    def step(self) -> None:
+        task, cfg, position = self.task, self.cfg, self.position
+        batch = task.batch(position.step)
+        numerator, denominator = batch.lr_ratio
+        for group in self.optimizer.param_groups:
+            lr = group["base_lr"] * lr_factor(batch.progress, cfg.constant_fraction)
+            group["lr"] = lr * numerator / denominator
+        record = self.logged(position.step + 1)  # activity is recorded at the steps that log it
+        start = time.perf_counter()
+        loss, stats = task.loss(self.net, batch, record)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        self.optimizer.step()
+        self.train_seconds += time.perf_counter() - start
+        self.tokens_seen += batch.tokens * self.world.size
+        position.step += 1
+        position.epoch = bisect.bisect_right(task.epoch_starts, position.step) - 1
+        if record:
+            self.log_training(batch, loss, stats)
+        self.bar.update()
+
+    def logged(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == 1
+
+    def log_training(self, batch: Batch, loss: torch.Tensor, stats) -> None:
+        value = self.world.mean(loss)
+        metrics = self.task.train_metrics(value)
+        entry = {"step": self.position.step, "epoch": batch.epoch, "split": "train", "loss": value,
+                 **metrics, "lr": self.optimizer.param_groups[0]["lr"],
+                 "tokens_per_second": self.tokens_seen / max(self.train_seconds, 1e-9),
+                 "layers": LayerTotals().add(stats).summary()}
+        if self.log is not None:
+            self.log.write(entry)
+        self.bar.show(entry, metrics)
+
+    def finished(self) -> bool:
+        return self.position.step >= self.total_steps
+
+    def validation_due(self) -> bool:
+        position = self.position
+        if position.validated_step == position.step:
+            return False
+        if self.cfg.eval_every:
+            return position.step % self.cfg.eval_every == 0 or self.finished()
+        return position.step in self.task.epoch_starts or self.finished()  # an epoch has just ended
+
+    def validate(self) -> None:
+        """Validate on the main process (the others wait in save()) and checkpoint. A validation
+        abandoned for Ctrl-C stays due in the checkpoint. Without a validation split, best.pt
+        is the final model."""
+        position, validated, done = self.position, "valid" in self.task.splits, True
+        improved = not validated and self.finished()
+        if validated and is_main_process():
+            result = self.task.evaluate(self.model, "valid", False, lambda: self.interrupt.requested)
+            self.model.train()
+            done = result is not None
+            if done:
+                self.log.write({"step": position.step, "epoch": position.epoch, "split": "valid", **result})
+                score = self.task.score(result)
+                improved = score < position.best
+                position.best = min(position.best, score)
+        if done:
+            position.validated_step = position.step
+        self.save("last.pt", "best.pt") if improved else self.save("last.pt")
+
+    def save(self, *names: str) -> None:
+        state = self.task.checkpoint_state()  # may be a collective: every process takes part
+        if not is_main_process():
+            return
+        ckpt = {"kind": self.task.KIND, "config": dataclasses.asdict(self.cfg), **state,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "position": dataclasses.asdict(self.position), "rng": rng_state()}
+        for name in names:
+            save_atomic(ckpt, self.run_dir / name)
+
+    def stop(self):
+        """End the run as Ctrl-C does, saying how to continue it."""
+        if is_main_process():
+            print(f"\ninterrupted at step {self.position.step}: continue from "
+                  f"{self.run_dir / 'last.pt'} with --resume")
+        raise KeyboardInterrupt
+
+    def evaluate_best(self) -> dict:
+        """The best model's final evaluations, by the main process alone."""
+        task = self.task
+        self.best = task.model_from_checkpoint(load_checkpoint(self.run_dir / "best.pt", type(task)))
+        self.best.to(self.device)
+        result = {"config": dataclasses.asdict(self.cfg)}
+        for split in task.splits:
+            result[split] = task.evaluate(self.best, split, self.progress, lambda: self.interrupt.requested)
+        return result
+
+    def summarise(self, result: dict) -> None:
+        """Throughput, the final evaluations in metrics.jsonl, plots."""
+        result["train_seconds"] = self.train_seconds
+        result["train_tokens_per_second"] = self.tokens_seen / max(self.train_seconds, 1e-9)
+        for split in self.task.splits:
+            self.log.write({"step": self.position.step, "epoch": self.position.epoch,
+                            "split": f"best_{split}", **result[split]})
+        self.log.close()
+        if self.plots:
+            try:
+                from . import plots
+            except ImportError:
+                print("matplotlib is not installed: no plots (pip install matplotlib)")
+                return
+            plots.plot_run(self.run_dir, self.task, self.best)
