@@ -1,6 +1,6 @@
 """egru: event-based gated recurrent units (activity-sparse RNNs) for PyTorch."""
 
-from . import functional
+from . import functional, prune
 from .backends import available as available_backends
 from .modules import EGRU, EGRUCell, init_thresholds_, keep_thresholds_in_range
 from .sparsity import LayerStats, layer_stats, model_stats
@@ -24,4 +24,5 @@ __all__ = [
     "keep_thresholds_in_range",
     "layer_stats",
     "model_stats",
+    "prune",
 ]

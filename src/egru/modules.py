@@ -232,17 +232,18 @@ class EGRU(_ThresholdMixin, nn.Module):
 
     @classmethod
     def from_gru(cls, gru: nn.GRU, threshold: Union[None, float, torch.Tensor] = None, **kwargs) -> "EGRU":
-        """An EGRU with ``gru``'s weights, gate for gate (same gate order and algebra).
+        """An EGRU with ``gru``'s weights, gate for gate (same gate order and algebra); of a
+        pruned GRU (:mod:`egru.prune`), the masked weights, as plain parameters.
 
         ``threshold``: None initialises thresholds as usual; a number or an (H,) tensor sets
         every layer's. ``kwargs`` go to the constructor (surrogate, zoneout, ...).
         """
         if getattr(gru, "proj_size", 0):
             raise ValueError("GRUs with proj_size are not supported")
-        weight = gru.weight_ih_l0
+        weight = _effective_weight(gru, "weight_ih_l0")
         layer = cls(gru.input_size, gru.hidden_size, gru.num_layers, gru.bias, gru.batch_first,
                     gru.dropout, gru.bidirectional, device=weight.device, dtype=weight.dtype, **kwargs)
-        layer.load_state_dict(gru.state_dict(), strict=False)
+        _copy_gru_weights(gru, layer)
         if threshold is not None:
             with torch.no_grad():
                 for t in layer.thresholds():
@@ -250,12 +251,12 @@ class EGRU(_ThresholdMixin, nn.Module):
         return layer
 
     def to_gru(self) -> nn.GRU:
-        """A ``torch.nn.GRU`` with this layer's weights and biases (thresholds are dropped)."""
-        weight = self.weight_ih_l0
+        """A ``torch.nn.GRU`` with this layer's weights and biases (thresholds are dropped; a
+        pruned layer's masked weights, as plain parameters)."""
+        weight = _effective_weight(self, "weight_ih_l0")
         gru = nn.GRU(self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
                      self.dropout, self.bidirectional, device=weight.device, dtype=weight.dtype)
-        state = {k: v for k, v in self.state_dict().items() if not k.startswith("threshold")}
-        gru.load_state_dict(state)
+        _copy_gru_weights(self, gru)
         return gru
 
     # --- forward ------------------------------------------------------------------------------
@@ -464,3 +465,28 @@ class EGRUCell(_ThresholdMixin, nn.Module):
                                     self.bias_hh, self.threshold, self.surrogate, self.zoneout, mask)
         new = step.state
         return new if batched else EGRUState(new.y.squeeze(0), new.c.squeeze(0))
+
+
+def _effective_weight(module: nn.Module, name: str) -> torch.Tensor:
+    """The weight a module computes with: for a pruned one (``name_orig`` and ``name_mask``, as
+    :mod:`torch.nn.utils.prune` keeps them) their product, which the attribute ``name`` holds
+    only as of the last forward pass."""
+    if hasattr(module, name + "_orig"):
+        return getattr(module, name + "_orig") * getattr(module, name + "_mask")
+    return getattr(module, name)
+
+
+def _copy_gru_weights(source: nn.Module, target: nn.Module) -> None:
+    """``target``'s ``torch.nn.GRU``-named weights and biases set to ``source``'s (layouts kept)."""
+    names = [n for n in _gru_parameter_names(target) if not n.startswith("threshold")]
+    with torch.no_grad():
+        for name in names:
+            getattr(target, name).copy_(_effective_weight(source, name))
+
+
+def _gru_parameter_names(module: nn.Module) -> list:
+    """Weight and bias names of every layer and direction, as ``torch.nn.GRU`` has them."""
+    suffixes = ["", "_reverse"] if module.bidirectional else [""]
+    kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if module.bias else [])
+    return [f"{kind}_l{layer}{suffix}" for layer in range(module.num_layers)
+            for suffix in suffixes for kind in kinds]
