@@ -213,6 +213,8 @@ def old_preset(name, model):
 def test_flat_presets_equal_the_presets_resolved_before(name, model):
     cfg = dataclasses.asdict(lm.preset(name, model))
     assert cfg.pop("beta1") == 0.0  # a field since; the language model's AdamW always had beta1 0
+    pruning = {key: cfg.pop(key) for key in list(cfg) if key.startswith("prune_")}  # fields since
+    assert pruning["prune_to"] == 0.0  # no pruning
     assert cfg == old_preset(name, model)
     if name == "cpu-small":  # a name lookup: the flat preset itself
         assert lm.preset(name, model) is lm.PRESETS[f"cpu-small-{model}"]
@@ -280,3 +282,33 @@ def test_ctrl_c_in_the_last_validation_leaves_best_pt_as_it_was(tmp_path, monkey
     last, best = (torch.load(tmp_path / n, weights_only=False)["position"] for n in ("last.pt", "best.pt"))
     assert (last["step"], last["validated_step"]) == (4, 2)
     assert (best["step"], best["validated_step"]) == (2, 2)
+
+
+@pytest.mark.parametrize("model", ["egru", "gru", "lstm"])
+def test_pruning_reaches_its_target_and_resumes_exactly(tmp_path, model):
+    """Gradual pruning in the loop, for every core: the masks reach the target sparsity at the
+    schedule's end, the weights computed with are exactly zero there, and a run stopped and
+    resumed ends where an uninterrupted one does."""
+    changes = dict(model=model, prune_to=0.5, prune_end=0.4, prune_every=2, dropconnect=0.2)
+    full = lm_run(tmp_path / "full", **changes)
+    ckpt = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    masks = {k: v for k, v in ckpt["model"].items() if k.endswith("_mask")}
+    assert len(masks) == 4  # weight_ih and weight_hh of two layers
+    for name, mask in masks.items():
+        assert int((mask == 0).sum()) == round(0.5 * mask.numel()), name
+    net = lm.model_from_checkpoint(ckpt)
+    for name, mask in masks.items():
+        module = net.get_submodule(name.rsplit(".", 1)[0])
+        weight = getattr(module, name.rsplit(".", 1)[1][:-len("_mask")] + "_orig") * mask
+        assert torch.equal(weight[mask == 0], torch.zeros(int((mask == 0).sum()))), name
+    lm_run(tmp_path / "resumed", max_steps=5, **changes)
+    cfg = lm.LMConfig(**{**LM, **changes})
+    resumed = lm.train_and_evaluate(cfg, tmp_path / "resumed", resume=True, progress=False)
+    assert resumed["test"]["loss"] == full["test"]["loss"]
+
+
+def test_pruning_options_are_checked():
+    with pytest.raises(ValueError, match="prune_end must be a number in \\(prune_start = 0.5, 1\\]"):
+        lm.LMConfig(prune_to=0.5, prune_start=0.5, prune_end=0.5)
+    with pytest.raises(ValueError, match="prune_to must be a number in \\[0, 1\\)"):
+        lm.LMConfig(prune_to=1.0)

@@ -124,11 +124,7 @@ def evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor, batch_size: in
 def model_from_checkpoint(ckpt: dict) -> Classifier:
     cfg = ClassifyConfig(**ckpt["config"])
     model = Classifier(cfg, ckpt["input_size"], ckpt["num_classes"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise ValueError(f"the checkpoint does not fit a {cfg.model} classifier: {err}") from err
-    return model
+    return harness.load_model(model, ckpt, f"a {cfg.model} classifier")
 
 
 class ClassifyTask:

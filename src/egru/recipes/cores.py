@@ -94,8 +94,11 @@ class DenseCore(nn.Module):
 
     def forward(self, x, state=None, record: bool = False):
         if self.training and self.p > 0:
-            w = self.rnn.weight_hh_l0
-            dropped = {"weight_hh_l0": w * egru.functional.dropconnect_mask(w, self.p)}
+            # the parameter itself: a pruned weight's, whose pruning mask the forward hook then
+            # applies to the dropped weight (the attribute weight_hh_l0 is set by that hook)
+            name = "weight_hh_l0_orig" if hasattr(self.rnn, "weight_hh_l0_orig") else "weight_hh_l0"
+            w = getattr(self.rnn, name)
+            dropped = {name: w * egru.functional.dropconnect_mask(w, self.p)}
             out, state = torch.func.functional_call(self.rnn, dropped, (x, state))
         else:
             out, state = self.rnn(x, state)

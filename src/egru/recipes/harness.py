@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 import egru
+from egru import prune
 
 from .common import (Checked, DeferredInterrupt, MetricsLog, check, default_device, is_main_process,
                      option, positive_int, progress_bar, rng_state, save_atomic, seed_everything,
@@ -65,6 +66,16 @@ class TrainConfig(Checked):
     eval_every: int = option(0, "validate every this many steps (0: after each epoch)")
     log_every: int = option(20, "log training loss and per-layer activity every this many steps")
     seed: int = option(0, "random seed")
+    # Gradual magnitude pruning of the recurrent weights (egru.prune), for every core.
+    prune_to: float = option(0.0, "fraction of the recurrent weights pruned by the end of the "
+                                  "pruning schedule (0: no pruning)")
+    prune_start: float = option(0.0, "fraction of the training steps done when pruning starts")
+    prune_end: float = option(0.5, "fraction of the training steps done when prune_to is reached")
+    prune_every: int = option(100, "steps between two pruning updates of the schedule")
+    prune_scope: str = option("layerwise", "prune each matrix to the schedule's sparsity, or "
+                                           "rank all of them together", choices=prune.SCOPES)
+    prune_matrices: str = option("both", "which recurrent weights are pruned: input (ih), "
+                                         "recurrent (hh) or both", choices=("both", "ih", "hh"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,6 +92,13 @@ class TrainConfig(Checked):
         for name in ("beta1", "beta2"):
             check(self, name, "a number in [0, 1)", lambda v: 0 <= v < 1)
         check(self, "constant_fraction", "a number in [0, 1]", lambda v: 0 <= v <= 1)
+        check(self, "prune_to", "a number in [0, 1)", lambda v: 0 <= v < 1)
+        check(self, "prune_start", "a number in [0, 1)", lambda v: 0 <= v < 1)
+        check(self, "prune_end", f"a number in (prune_start = {self.prune_start}, 1]",
+              lambda v: self.prune_start < v <= 1)
+        check(self, "prune_every", "a positive integer", positive_int)
+        check(self, "prune_scope", f"one of {prune.SCOPES}", lambda v: v in prune.SCOPES)
+        check(self, "prune_matrices", "'both', 'ih' or 'hh'", lambda v: v in ("both", "ih", "hh"))
 
 
 class Batch(NamedTuple):
@@ -150,6 +168,29 @@ class LayerTotals:
                               "effective_macs_per_token": eff / max(steps, 1),
                               "dense_macs_per_token": dense / max(steps, 1)}
                 for i, (act, back, eff, dense, steps) in sorted(self.sums.items())}
+
+
+def make_pruner(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Optional[prune.GradualPruning]:
+    """The gradual pruning the config asks for, over ``total_steps`` (None: no pruning). Made
+    before a checkpoint is loaded: it gives the model the parameter names pruned ones have."""
+    if not cfg.prune_to:
+        return None
+    start = round(cfg.prune_start * total_steps)
+    end = max(round(cfg.prune_end * total_steps), start + 1)
+    matrices = prune.MATRICES if cfg.prune_matrices == "both" else (cfg.prune_matrices,)
+    return prune.GradualPruning(model, cfg.prune_to, start_step=start, end_step=end,
+                                every=cfg.prune_every, scope=cfg.prune_scope, matrices=matrices)
+
+
+def load_model(model: nn.Module, ckpt: dict, what: str) -> nn.Module:
+    """``model`` with a checkpoint's weights (pruned ones included); a ValueError naming
+    ``what`` when they do not fit."""
+    prune.prepare_for_load(model, ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise ValueError(f"the checkpoint does not fit {what}: {err}") from err
+    return model
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -294,6 +335,9 @@ class Trainer:
         self.progress, self.plots = progress, plots
         seed_everything(self.cfg.seed)
         self.model = task.build_model().to(device)
+        planned = task.epoch_starts[-1]
+        self.total_steps = min(planned, self.cfg.max_steps or planned)
+        self.pruner = make_pruner(self.model, self.cfg, planned)  # spans the planned schedule
         self.optimizer = make_optimizer(self.model, self.cfg)
         egru.keep_thresholds_in_range(self.optimizer, self.model)
         self.position = Position()
@@ -302,10 +346,10 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.position = Position.restore(ckpt["position"])
             set_rng_state(ckpt["rng"])
+            if self.pruner is not None:
+                self.pruner.load_state_dict(ckpt["pruning"])
         task.begin(self.model, ckpt)
         self.net = nn.parallel.DistributedDataParallel(self.model) if world.distributed else self.model
-        planned = task.epoch_starts[-1]
-        self.total_steps = min(planned, self.cfg.max_steps or planned)
         self.log = MetricsLog(run_dir, tensorboard) if is_main_process() else None
         if self.log is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -354,9 +398,11 @@ class Trainer:
         if cfg.clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
         self.optimizer.step()
+        position.step += 1
+        if self.pruner is not None:  # every process alike: the masks follow the weights
+            self.pruner.step(position.step)
         self.train_seconds += time.perf_counter() - start
         self.tokens_seen += batch.tokens * self.world.size
-        position.step += 1
         position.epoch = bisect.bisect_right(task.epoch_starts, position.step) - 1
         if record:
             self.log_training(batch, loss, stats)
@@ -413,6 +459,8 @@ class Trainer:
         ckpt = {"kind": self.task.KIND, "config": dataclasses.asdict(self.cfg), **state,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "position": dataclasses.asdict(self.position), "rng": rng_state()}
+        if self.pruner is not None:
+            ckpt["pruning"] = self.pruner.state_dict()
         for name in names:
             save_atomic(ckpt, self.run_dir / name)
 

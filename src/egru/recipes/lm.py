@@ -249,11 +249,7 @@ def eval_batch_size(cfg: LMConfig, split: str) -> int:
 def model_from_checkpoint(ckpt: dict) -> LanguageModel:
     cfg = LMConfig(**ckpt["config"])
     model = LanguageModel(cfg, ckpt["vocab_size"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise ValueError(f"the checkpoint does not fit a {cfg.model} language model: {err}") from err
-    return model
+    return harness.load_model(model, ckpt, f"a {cfg.model} language model")
 
 
 # --- the task the harness trains --------------------------------------------------------------
