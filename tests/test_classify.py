@@ -4,6 +4,10 @@ resume, Ctrl-C, a validation split choosing best.pt, the command and the demo.""
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +106,31 @@ def test_demo_trains_both_models_through_the_harness(tmp_path, capsys):
         steps = [r["step"] for r in records(tmp_path / "runs" / model, "train")]
         assert steps == [1]  # 40 sequences, one batch of 64
         assert (tmp_path / "runs" / model / "best.pt").exists()
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """DDP on two CPU processes, each with half of every batch, equals one process."""
+    worker = str(Path(__file__).with_name("classify_worker.py"))
+    overrides = json.dumps(dict(model="egru", max_steps=4))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent),
+           "CUDA_VISIBLE_DEVICES": ""}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, worker, str(tmp_path / "one"), overrides], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    f"--master_port={port}", worker, str(tmp_path / "two"), overrides],
+                   check=True, env=env)
+
+    def losses(run):
+        lines = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"]) for r in lines if r["split"] == "train"]
+
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(one, two):
+        assert a == pytest.approx(b, rel=1e-5)
+    m1 = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["model"]
+    m2 = torch.load(tmp_path / "two" / "last.pt", weights_only=False)["model"]
+    for name, value in m1.items():
+        torch.testing.assert_close(m2[name], value, rtol=1e-4, atol=1e-6)
