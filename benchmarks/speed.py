@@ -15,6 +15,10 @@ Two input modes (``--input``), reported as separate rows:
   activity as the layer's target (random normal values at a random ``activity`` fraction of
   the entries), and the input needs a gradient (it flows on to the layer below).
 
+``--weight-density D ...`` prunes the EGRU's weights (``weight_ih`` and ``weight_hh``, each to
+density D by magnitude with :mod:`egru.prune`; 1.0: not pruned), one row per density; the
+nn.GRU timed alongside stays dense. The threshold is searched on the pruned model.
+
 ``nn.GRU`` and ``nn.LSTM`` do the same dense work for any input values, so each has one row per
 (B, H) and input-gradient setting; besides, nn.GRU is timed again alongside every EGRU row, call
 for call in turn with it, and the row's ratio is to those times (the machine's speed drifts
@@ -30,6 +34,7 @@ one forward+backward, above what was held before, from the profiler's memory eve
     python benchmarks/speed.py --support-k 10 ...         # a narrower surrogate support
     python benchmarks/speed.py --markdown speed.json      # a results file as a markdown table
     python benchmarks/speed.py --busy 2 ...               # beside two CPU-bound processes
+    python benchmarks/speed.py --weight-density 0.1 1.0   # pruned to 10 % of the weights too
     python benchmarks/speed.py --load-table q.json b.json # quiet against busy forward times
 
 ``--busy N`` starts N processes that spin on the CPU (another job using the cores) before the
@@ -192,8 +197,17 @@ def sparse_events(shape, activity: float, seed: int = 1) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) < activity)
 
 
+def pruned(model, density: float):
+    """``model`` with every recurrent weight pruned to ``density`` by magnitude (1.0: as it is)."""
+    if density < 1.0:
+        from egru import prune
+
+        prune.magnitude(model, 1.0 - density)
+    return model
+
+
 def run(batches, hiddens, activities, backends, steps, repeats, reference_max_hidden, inputs,
-        support_k=1.0):
+        support_k=1.0, weight_densities=(1.0,)):
     rows = []
     for H in hiddens:
         for B in batches:
@@ -214,18 +228,20 @@ def run(batches, hiddens, activities, backends, steps, repeats, reference_max_hi
                     print(_fmt(rows[-1], gru_row), flush=True)
                 for target in activities:
                     x = x_dense if mode == "dense" else sparse_events(x_dense.shape, target)
-                    for backend in backends:
-                        if backend == "reference" and H > reference_max_hidden:
-                            continue
-                        model = egru.EGRU.from_gru(gru, backend=backend, pseudo_derivative_support=support_k)
-                        set_threshold_like(model, (mode, target), gru, x, target)
-                        row = {**base, "model": f"EGRU[{backend}]", "support_k": support_k,
-                               "target_activity": target,
-                               "activity": measure_activity(model, x),
-                               **time_model(model, x, repeats, input_grad=input_grad,
-                                            alongside=(gru, x_dense))}
-                        rows.append(row)
-                        print(_fmt(row, gru_row), flush=True)
+                    for density in weight_densities:
+                        for backend in backends:
+                            if backend == "reference" and H > reference_max_hidden:
+                                continue
+                            model = pruned(egru.EGRU.from_gru(
+                                gru, backend=backend, pseudo_derivative_support=support_k), density)
+                            set_threshold_like(model, (mode, target, density), gru, x, target)
+                            row = {**base, "model": f"EGRU[{backend}]", "support_k": support_k,
+                                   "target_activity": target, "weight_density": density,
+                                   "activity": measure_activity(model, x),
+                                   **time_model(model, x, repeats, input_grad=input_grad,
+                                                alongside=(gru, x_dense))}
+                            rows.append(row)
+                            print(_fmt(row, gru_row), flush=True)
     return rows
 
 
@@ -233,10 +249,11 @@ _thresholds: dict = {}
 
 
 def set_threshold_like(model, key, gru, x, target) -> None:
-    """Give ``model`` the threshold found for (gru, key) on ``x``, searching it once."""
+    """Give ``model`` the threshold found for (gru, key) on ``x``, searching it once (key ends
+    with the weight density the probe is pruned to)."""
     key = (id(gru), key)
     if key not in _thresholds:
-        probe = egru.EGRU.from_gru(gru, backend="event")
+        probe = pruned(egru.EGRU.from_gru(gru, backend="event"), key[1][-1])
         set_activity(probe, x, target)
         _thresholds[key] = probe.threshold_l0.detach().clone()
     with torch.no_grad():
@@ -256,6 +273,8 @@ def _fmt(row, gru_row) -> str:
     name = row["model"]
     if "activity" in row:
         name += f" act={row['activity']:.3f}"
+    if row.get("weight_density", 1.0) < 1.0:
+        name += f" wd={row['weight_density']:.2f}"
     fwd, fb = row["forward_s"], row["forward_backward_s"]
     r_fwd, r_fb = ratios(row, gru_row)
     mem = row.get("peak_memory_bytes", 0) / 2**20
@@ -275,6 +294,8 @@ def markdown_table(rows) -> str:
     for r in rows:
         r_fwd, r_fb = ratios(r, grus[(r["B"], r["H"], r["input"])])
         act = f"{r['activity']:.3f}" if "activity" in r else ""
+        if r.get("weight_density", 1.0) < 1.0:
+            act += f", weights {r['weight_density']:.2f}"
         bwd = r.get("backward_recurrent_fraction")
         lines.append(
             f"| {r['input']} | {r['B']} | {r['H']} | {r['model']} | {act} | "
@@ -334,6 +355,9 @@ def main(argv=None) -> None:
                         help="dense: a first layer's data input; sparse: a stacked layer's event input")
     parser.add_argument("--support-k", type=float, default=1.0,
                         help="the surrogate's pseudo_derivative_support k (support half-width 1/k)")
+    parser.add_argument("--weight-density", type=float, nargs="+", default=[1.0],
+                        help="fractions of the EGRU's weights kept, pruned by magnitude with "
+                             "egru.prune (1.0: not pruned); nn.GRU stays dense")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -371,7 +395,7 @@ def main(argv=None) -> None:
     print(json.dumps(info))
     with busy_cores(args.busy):
         rows = run(args.batch, args.hidden, args.activity, args.backends, args.steps, args.repeats,
-                   args.reference_max_hidden, args.input, args.support_k)
+                   args.reference_max_hidden, args.input, args.support_k, args.weight_density)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": info, "args": vars(args), "rows": rows}, f, indent=1)

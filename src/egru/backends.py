@@ -13,7 +13,12 @@ backend is tested against ``"reference"``.
   kernels cannot compute silently use the reference.
 
 How the kernels decide what depends on the data (sparse or dense input products and weight
-gradients, parallel or serial kernels) is set by the thresholds of :class:`Tuning`.
+gradients, weights kept by rows of their nonzeros, parallel or serial kernels) is set by the
+thresholds of :class:`Tuning`.
+
+Pruning masks (:mod:`egru.prune`) reach a backend as ``weight_ih_mask`` / ``weight_hh_mask``:
+the event kernels then take the masks' zeros as structural (compressed rows, gradients only at
+unpruned weights; :class:`egru.kernels.event.WeightMasks`); the reference ignores them.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ class Tuning:
         nonzeros in its input (the dense matmul wins above it: crossover 0.27–0.33).
     weight_grad_tile_bytes: gate gradients per tile of the event-driven weight gradient, about
         a core's L2 cache.
+    sparse_weight_density: a weight is kept by rows of its nonzeros (each event then costs
+        the nonzeros of its row, forward and in ``W_hᵀδ``) below this fraction of nonzeros in
+        the weight (of its pruning mask, when it has one); 0 turns it off. At H = 1024 and
+        activity 0.1 the crossover was about 0.2 for a batch-1 forward and about 0.1 for a
+        training step at B = 32 (an indexed update costs about ten times a vectorised one).
     auto_dense_min_batch, auto_activity_limit: ``"auto"`` computes the forward recurrent
         product densely (one matmul per step) from this many samples on, when the layer's
         activity at its previous call reached the limit.
@@ -53,11 +63,15 @@ class Tuning:
     sparse_input_density: float = 0.3
     sparse_weight_grad_density: float = 0.25
     weight_grad_tile_bytes: int = 1 << 20
+    sparse_weight_density: float = 0.15
     auto_dense_min_batch: int = 16
     auto_activity_limit: float = 0.75
     thread_mode: str = "measured"
 
     def __post_init__(self):
+        if not self.sparse_weight_density >= 0:
+            raise ValueError(f"sparse_weight_density must be a fraction >= 0 (0: never), "
+                             f"got {self.sparse_weight_density!r}")
         if self.thread_mode not in ("measured", "parallel", "serial"):
             raise ValueError(f"thread_mode must be 'measured', 'parallel' or 'serial', "
                              f"got {self.thread_mode!r}")
@@ -118,7 +132,8 @@ class Reference:
 
     name = "reference"
 
-    def __call__(self, *args, **kwargs) -> LayerOutput:
+    def __call__(self, *args, weight_ih_mask=None, weight_hh_mask=None, **kwargs) -> LayerOutput:
+        # pruning masks change nothing here: the weights are the masked ones already
         return functional.egru_layer(*args, **kwargs)
 
 
@@ -133,7 +148,8 @@ class Event:
 
     @_outside_autocast
     def __call__(self, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, *,
-                 lengths=None, zoneout_p=0.0, zoneout_mask=None, reverse=False) -> LayerOutput:
+                 lengths=None, zoneout_p=0.0, zoneout_mask=None, reverse=False,
+                 weight_ih_mask=None, weight_hh_mask=None) -> LayerOutput:
         args = (x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate)
         kwargs = dict(lengths=lengths, zoneout_p=zoneout_p, zoneout_mask=zoneout_mask,
                       reverse=reverse)
@@ -141,7 +157,9 @@ class Event:
         if reason is not None:
             self._fallback(reason)
             return functional.egru_layer(*args, **kwargs)
-        return self._run(*args, **kwargs, dense_forward=self._dense_forward(x.shape[1], threshold))
+        masks = event.WeightMasks(weight_ih_mask, weight_hh_mask)
+        return self._run(*args, **kwargs, masks=masks,
+                         dense_forward=self._dense_forward(x.shape[1], threshold))
 
     def _dense_forward(self, batch: int, threshold) -> bool:
         """Whether this call takes the dense recurrent forward product: never, here."""
@@ -154,7 +172,7 @@ class Event:
                           RuntimeWarning, stacklevel=5)
 
     def _run(self, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, *,
-             lengths, zoneout_p, zoneout_mask, reverse, dense_forward) -> LayerOutput:
+             lengths, zoneout_p, zoneout_mask, reverse, masks, dense_forward) -> LayerOutput:
         T, B = x.shape[:2]
         lengths = _check_lengths(lengths, T, B)
         xp = reverse_padded(x, lengths) if reverse else x
@@ -164,8 +182,9 @@ class Event:
         settings = event.Settings(
             float(zoneout_p), float(surrogate.dampening_factor),
             float(surrogate.pseudo_derivative_support), dense_forward, t.sparse_input_density,
-            t.sparse_weight_grad_density, t.weight_grad_tile_bytes, t.thread_mode)
-        y, c_hat, e, y_last, c_last = event.layer(inputs, settings)
+            t.sparse_weight_grad_density, t.weight_grad_tile_bytes, t.thread_mode,
+            t.sparse_weight_density)
+        y, c_hat, e, y_last, c_last = event.layer(inputs, settings, masks)
         if reverse:
             y, e, c_hat = (reverse_padded(a, lengths) for a in (y, e, c_hat))
         return LayerOutput(y, EGRUState(y_last, c_last), e, c_hat)

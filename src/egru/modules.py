@@ -218,6 +218,17 @@ class EGRU(_ThresholdMixin, nn.Module):
         get = lambda name: getattr(self, f"{name}_{k}", None)  # noqa: E731
         return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"), get("threshold")
 
+    def _pruning_masks(self, layer: int, suffix: str) -> dict:
+        """The pruning masks of the layer's weights (``weight_ih_mask``, ``weight_hh_mask``;
+        None for a weight that is not pruned), as :mod:`torch.nn.utils.prune` keeps them: the
+        backend may take their zeros as structural (:mod:`egru.backends`)."""
+        masks = {}
+        for kind in ("weight_ih", "weight_hh"):
+            name = f"{kind}_l{layer}{suffix}"
+            pruned = name + "_orig" in self._parameters and name + "_mask" in self._buffers
+            masks[kind + "_mask"] = self._buffers[name + "_mask"] if pruned else None
+        return masks
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
@@ -307,7 +318,7 @@ class EGRU(_ThresholdMixin, nn.Module):
                 outputs.append(self._layer_fn(
                     x, state.layer(index), w_ih, w_hh, b_ih, b_hh, threshold, self.surrogate,
                     lengths=lengths, zoneout_p=self.zoneout, zoneout_mask=zoneout_mask,
-                    reverse=d == 1,
+                    reverse=d == 1, **self._pruning_masks(layer, suffix),
                 ))
             y = _join_directions([o.y for o in outputs])
             finals.extend(o.state for o in outputs)
@@ -321,28 +332,45 @@ class EGRU(_ThresholdMixin, nn.Module):
     def _record(self, layer: int, x, state: EGRUState, outputs, lengths) -> LayerRecord:
         T, B = x.shape[:2]
         with torch.no_grad():
-            if layer == 0:  # the first layer's input product is dense
-                input_active = torch.full((T, B), self.input_size, device=x.device)
-            else:
-                input_active = (x != 0).sum(-1)
-            recurrent = []
-            for d, out in enumerate(outputs):
-                # units that fired at the previous step in processing order (y_0 for the first)
-                reverse = d == 1
-                fired = functional.reverse_padded(out.e, lengths) if reverse else out.e
+            # the first layer's input product is dense; a stacked layer's follows its input's events
+            active_inputs = torch.ones_like(x, dtype=torch.bool) if layer == 0 else x != 0
+            recurrent, forward, backward, nonzeros, entries = [], [], [], torch.zeros(2), torch.zeros(2)
+            for d, (out, suffix) in enumerate(zip(outputs, self._suffixes)):
+                w_ih, w_hh, _, _, threshold = self._layer_params(layer, suffix)
+                # what an event costs: the nonzero weights its input or unit sends (3H if unpruned)
+                ih_cost, hh_cost = ((w != 0).sum(0).double() for w in (w_ih, w_hh))
+                nonzeros += torch.stack([ih_cost.sum(), hh_cost.sum()]).cpu()
+                entries += torch.tensor([w_ih.numel(), w_hh.numel()], dtype=torch.float)
+                # in processing order: units that fired at the previous step (y_0 for the first),
+                # and units in G_{t-1} (fired or inside the surrogate's support; none before t = 0)
+                order = (lambda a: functional.reverse_padded(a, lengths)) if d == 1 else (lambda a: a)
+                fired, c_hat = order(out.e) != 0, order(out.c_hat)
                 y0 = state.layer(layer * self.num_directions + d).y
-                counts = torch.cat([(y0 != 0).sum(-1, keepdim=True).T, (fired[:-1] != 0).sum(-1)])
-                recurrent.append(functional.reverse_padded(counts, lengths) if reverse else counts)
+                prev = torch.cat([(y0 != 0).unsqueeze(0), fired[:-1]])
+                in_g = fired | ((c_hat - threshold.detach()).abs() < self.surrogate.support)
+                prev_g = torch.cat([torch.zeros_like(in_g[:1]), in_g[:-1]])
+                recurrent.append(order(prev.sum(-1)))
+                inputs = active_inputs.double() @ ih_cost  # (T, B), in the input's order
+                recurrent_macs = order(prev.double() @ hh_cost)
+                forward.append(inputs + recurrent_macs)
+                # W_hᵀδ at G_{t-1}, ΔW_h over A_{t-1}, ΔW_i over the active inputs, and W_iᵀδ
+                # where the input needs a gradient (a stacked layer's, or data that asks for one)
+                input_grad = ih_cost.sum() if layer > 0 or x.requires_grad else 0.0
+                backward.append(order(prev_g.double() @ hh_cost) + recurrent_macs + inputs + input_grad)
         return LayerRecord(
             e=_join_directions([o.e for o in outputs]),
             c_hat=_join_directions([o.c_hat for o in outputs]),
             threshold=torch.cat([self._layer_params(layer, s)[4].detach() for s in self._suffixes]),
             valid=functional.valid_steps(lengths, T, B, x.device),
-            input_active=input_active,
+            input_active=active_inputs.sum(-1),
             recurrent_active=torch.stack(recurrent, dim=-1),
             input_size=x.shape[-1],
             hidden_size=self.hidden_size,
             support=self.surrogate.support,
+            forward_macs=torch.stack(forward, dim=-1).round().long(),
+            backward_macs=torch.stack(backward, dim=-1).round().long(),
+            weight_density=nonzeros / entries,
+            input_grad=layer > 0 or x.requires_grad,
         )
 
     # --- checks -------------------------------------------------------------------------------

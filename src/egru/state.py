@@ -54,3 +54,9 @@ class LayerRecord(NamedTuple):
     input_size: int
     hidden_size: int
     support: float  # half-width of the surrogate's support
+    # Multiply-accumulates an event-driven layer does per step, counting only nonzero weights
+    # (see egru.sparsity); directions along the last axis:
+    forward_macs: torch.Tensor  # (T, B, D) input and recurrent products
+    backward_macs: torch.Tensor  # (T, B, D) W_hᵀδ, the weight gradients and a stacked layer's W_iᵀδ
+    weight_density: torch.Tensor  # (2,) fraction of nonzero entries of W_ih and W_hh, over directions
+    input_grad: bool  # whether the input needed a gradient (a stacked layer's: W_iᵀδ is done)

@@ -11,7 +11,11 @@ One layer and direction in processing order, computed by the numba kernels of
 * backward (sparse BPTT), ``W_hhᵀ·δ_t`` is computed only for blocks of units that fired or lie
   inside the surrogate's support at step ``t−1``; the weight gradients are one product each
   after the time loop, event-driven over the nonzeros of their input when those are few, and
-  the gradient of the input is skipped when the input needs none (a first layer's data).
+  the gradient of the input is skipped when the input needs none (a first layer's data);
+* a weight with few nonzeros (below ``sparse_weight_density``; pruned, SPEC §3) is kept by
+  rows of its nonzeros, so that an event costs the nonzeros of its row in the forward products
+  and in ``W_hhᵀ·δ_t``; with a pruning mask (:class:`WeightMasks`: its zeros are structural)
+  the weight's gradient is computed at the mask's nonzeros only and is exactly zero elsewhere.
 
 Registered with ``torch.library`` (a fake implementation for shapes, an autograd formula), so
 ``torch.compile`` traces a model through the layer without graph breaks. Decisions that need
@@ -48,6 +52,7 @@ from torch import Tensor
 from .thread_modes import ThreadModes
 
 _NUMBA_MODULE = "egru.kernels._event_numba"
+_NUMPY_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 class LayerInputs(NamedTuple):
@@ -73,10 +78,12 @@ class Settings(NamedTuple):
     gamma, k: the triangle surrogate ``gamma·max(0, 1 − k|v|)``; dense_forward: one matmul per
     step for the recurrent product instead of the event-driven one; sparse_input_density,
     sparse_weight_grad_density: the event-driven input product / weight gradient is used below
-    this fraction of nonzeros in their input; weight_grad_tile_bytes: bytes of the gate
-    gradients per tile of the event-driven weight gradient; thread_mode: ``"measured"``
-    (parallel or serial kernels, whichever is faster as they run), ``"parallel"`` or
-    ``"serial"``.
+    this fraction of nonzeros in their input (of the dense product's MACs, when the weight is
+    kept in compressed rows); weight_grad_tile_bytes: bytes of the gate gradients per tile of
+    the event-driven weight gradient; thread_mode: ``"measured"`` (parallel or serial kernels,
+    whichever is faster as they run), ``"parallel"`` or ``"serial"``; sparse_weight_density:
+    a weight is kept in compressed rows (its nonzeros per input unit) below this fraction of
+    nonzeros (of its mask's nonzeros when it has a pruning mask); 0: never.
     """
     zoneout_p: float
     gamma: float
@@ -86,6 +93,18 @@ class Settings(NamedTuple):
     sparse_weight_grad_density: float
     weight_grad_tile_bytes: int
     thread_mode: str
+    sparse_weight_density: float = 0.0
+
+
+class WeightMasks(NamedTuple):
+    """Pruning masks of w_ih (G, I) and w_hh (G, H), or None: a mask declares the weight's
+    zeros structural (the weight is zero wherever its mask is; a pruned module's weight is
+    ``orig·mask``). With a mask, the weight is kept by rows of the mask's nonzeros (when
+    sparse enough) and its gradient is computed only there, exactly zero elsewhere: the true
+    gradient of a weight at a zero entry is not zero in general, but ``orig·mask`` multiplies
+    it by zero anyway. Entries of the weight outside its mask are taken as zero."""
+    w_ih: Optional[Tensor] = None
+    w_hh: Optional[Tensor] = None
 
 
 # --- the runtime state of the kernels ---------------------------------------------------------
@@ -159,7 +178,9 @@ class Counters:
     (a dense step counts ``3H·H``); ``input``: forward input product when it ran event-driven
     (``3H·nnz(x)`` over valid steps); ``backward_recurrent``: ``W_hᵀδ`` products, done for
     blocks of four units; ``backward_weight``: recurrent weight gradient (when it is a dense
-    matmul, the matmul's MACs).
+    matmul, the matmul's MACs); ``backward_input``: the gradient of the input (when needed). With a weight in compressed rows, an event or nonzero input
+    counts the nonzeros of its row instead of ``3H`` (the MACs touched), and the weight
+    gradient at a pruning mask counts the mask's nonzeros of each event's row.
     """
 
     def __init__(self):
@@ -167,6 +188,7 @@ class Counters:
 
     def reset(self) -> None:
         self.recurrent = self.input = self.backward_recurrent = self.backward_weight = 0
+        self.backward_input = 0
         self.calls = 0
 
 
@@ -206,6 +228,9 @@ class Runtime:
         self.counters = Counters()
         self._transposes = _WeightMemo(size=32)
         self._finite = _WeightMemo(size=64)
+        self._nonzeros = _WeightMemo(size=64)  # weight → its number of nonzeros
+        self._rows = _WeightMemo(size=32)  # weight → (its compressed rows, all finite)
+        self._patterns = _WeightMemo(size=64)  # pruning mask → (start, idx) of its nonzeros
 
     def kernels(self):
         """The numba kernel module, or None when numba cannot be imported."""
@@ -240,13 +265,64 @@ class Runtime:
         return self._transposes.get(w, w_t.contiguous, check=self._fingerprint(w))
 
     def _fingerprint(self, w: Tensor) -> int:
-        bits = w.detach().contiguous().view(-1).view(torch.int32).numpy().view("uint32")
+        w = w.detach()
+        if not w.is_contiguous() and w.t().is_contiguous():  # EGRU's column-major weights
+            w = w.t()
+        bits = w.contiguous().view(-1).view(torch.int32).numpy().view("uint32")
         with np.errstate(over="ignore"):  # wrapping is intended (seen without the JIT only)
             return int(self.call(self._kernels.fingerprint, None, bits))
 
     def finite(self, w: Tensor) -> bool:
         """Whether a weight holds only finite values, kept per version of the weight."""
         return self._finite.get(w, lambda: bool(torch.isfinite(w.detach()).all()))
+
+    def compressed_rows(self, w: Tensor, mask: Optional[Tensor], s: "Settings"):
+        """``(rows, finite)``: the compressed rows (``SparseRows``) of ``w.t()`` when its
+        fraction of nonzeros is below ``s.sparse_weight_density`` (of its pruning mask's
+        nonzeros, when ``mask`` is given), and whether their values are all finite; else the
+        placeholder of dense rows and None (not checked).
+
+        With a mask, the pattern (which entries) is kept per version of the mask buffer and the
+        values are gathered from ``w`` at each call, O(nnz): a pruned module's weight is a fresh
+        product ``orig·mask`` at every forward. Without one, the number of nonzeros is kept per
+        version of the weight (a dense weight is then never read again), and compressed rows
+        per version and fingerprint (one read of the weight per call: writes through ``.data``
+        and numpy views do not bump the version; see :meth:`transposed`).
+        """
+        K = self._kernels
+        dense = K.no_rows(_NUMPY_TYPES[w.dtype]), None
+        limit = s.sparse_weight_density * w.numel()
+        if limit <= 0:
+            return dense
+        if mask is not None:
+            start, idx = self._patterns.get(mask, lambda: self._mask_pattern(mask, w.dtype))
+            if start[-1] >= limit:
+                return dense
+            w_t = self.transposed(w).numpy()
+            vals, finite = self.call(K.gather_rows, w_t.dtype, start, idx, w_t)
+            return K.SparseRows(True, start, idx, vals), bool(finite)
+        if self._nonzeros.get(w, lambda: int(torch.count_nonzero(w.detach()))) >= limit:
+            return dense
+        fresh = w.requires_grad and w.grad_fn is not None
+        return self._rows.get(w, lambda: self._nonzero_rows(self.transposed(w).numpy()),
+                              check=None if fresh else self._fingerprint(w))
+
+    def _nonzero_rows(self, w_t: np.ndarray):
+        K = self._kernels
+        start, idx, vals = self.call(K._nonzeros_by_row, w_t.dtype, w_t,
+                                     np.ones(w_t.shape[0], np.bool_))
+        rows = K.SparseRows(True, start, idx.astype(K.index_type(w_t.shape[1])), vals)
+        return rows, bool(np.isfinite(vals).all())
+
+    def _mask_pattern(self, mask: Tensor, dtype):
+        """``(start, idx)`` of the nonzeros of a mask (G, C) by rows of its transpose."""
+        m = mask.detach().t()
+        if m.dtype != dtype:  # (bool or integer masks: in the weight's type, as compiled)
+            m = (m != 0).to(dtype)
+        m = m.contiguous().numpy()
+        start, idx, _ = self.call(self._kernels._nonzeros_by_row, m.dtype, m,
+                                  np.ones(m.shape[0], np.bool_))
+        return start, idx.astype(self._kernels.index_type(m.shape[1]))
 
     @contextlib.contextmanager
     def threads(self, key, units: float, mode: str):
@@ -267,7 +343,7 @@ runtime = Runtime()
 # --- forward ------------------------------------------------------------------------------------
 
 
-def _forward(inputs: LayerInputs, s: Settings):
+def _forward(inputs: LayerInputs, s: Settings, masks: WeightMasks = WeightMasks()):
     """The forward pass outside autograd: ``(y, c_hat, e, y_last, c_last, gates, gh_n)``, the
     last two kept for the backward pass."""
     K = runtime.kernels()
@@ -284,13 +360,17 @@ def _forward(inputs: LayerInputs, s: Settings):
     x2 = x.detach().reshape(T * B, I)
     x_np = x2.contiguous().numpy()
     counters = runtime.counters
-    if np.count_nonzero(x_np) < s.sparse_input_density * x_np.size and runtime.finite(w_ih):
+    ih_rows, ih_finite = runtime.compressed_rows(w_ih, masks.w_ih, s)
+    # the event-driven product's cost, as a fraction of the dense rows' at every input
+    cost = np.count_nonzero(x_np) / max(x_np.size, 1) * _relative_cost(ih_rows, w_ih, s)
+    if cost < s.sparse_input_density and _finite(w_ih, ih_finite):
         gates = torch.empty(T * B, G, dtype=dtype)
         valid = np.arange(T)[:, None] < len_np[None, :]
         # a short product is held up by a descheduled thread for longer than it takes on one
-        with runtime.threads(("input product", B, I, G, dtype), T, s.thread_mode) as parallel:
+        key = ("input product", B, I, G, dtype, ih_rows.used)
+        with runtime.threads(key, T, s.thread_mode) as parallel:
             counters.input += runtime.call(
-                K.sparse_input_product, dtype, x_np, runtime.transposed(w_ih).numpy(),
+                K.sparse_input_product, dtype, x_np, runtime.transposed(w_ih).numpy(), ih_rows,
                 b_ih.numpy(), valid.reshape(-1), gates.numpy(), parallel)
         gates = gates.view(T, B, G)
     else:
@@ -307,7 +387,8 @@ def _forward(inputs: LayerInputs, s: Settings):
                        theta.detach().contiguous().numpy(), len_np)
     zoneout = _zoneout(K, zoneout_mask, s.zoneout_p, x_np.dtype)
     y0, c0 = y0.detach().contiguous(), c0.detach().contiguous()
-    if s.dense_forward or not runtime.finite(w_hh):
+    hh_rows, hh_finite = runtime.compressed_rows(w_hh, masks.w_hh, s)
+    if s.dense_forward or not _finite(w_hh, hh_finite):
         _dense_recurrent_forward(K, gates, y0, c0, rec, zoneout, out)
         counters.recurrent += G * H * int(np.minimum(len_np, T).sum())  # a matmul per valid step
     else:
@@ -316,10 +397,28 @@ def _forward(inputs: LayerInputs, s: Settings):
         macs = np.zeros(B, np.int64)
         parallel = s.thread_mode != "serial" and B > 1 and K.numba.get_num_threads() > 1
         runtime.call(K.layer_forward if parallel else K.layer_forward_serial, dtype,
-                     gates.numpy(), y0.numpy(), c0.numpy(), rec, zoneout, out, macs)
+                     gates.numpy(), y0.numpy(), c0.numpy(), rec, hh_rows, zoneout, out, macs)
         counters.recurrent += int(macs.sum())
     counters.calls += 1
     return y, c_hat, e, y_last, c_last, gates, gh_n
+
+
+def _relative_cost(rows, w: Tensor, s: Settings) -> float:
+    """The time of an event-driven product through a weight's compressed rows relative to
+    its dense rows (1 for dense rows): its fraction of nonzeros over ``sparse_weight_density``,
+    the fraction where the two take the same time (a compressed row costs more per MAC: an
+    indexed access per nonzero instead of a vectorised stretch of a row). The choices between
+    event-driven and dense products then compare this cost times the input's density with
+    their thresholds, as they compare the input's density alone for dense rows."""
+    if not rows.used:
+        return 1.0
+    return rows.start[-1] / max(w.numel(), 1) / s.sparse_weight_density
+
+
+def _finite(w: Tensor, rows_finite: Optional[bool]) -> bool:
+    """Whether a weight is finite: checked on its compressed rows where it has them (entries
+    outside a pruning mask are taken as zero), else on the whole weight (kept per version)."""
+    return runtime.finite(w) if rows_finite is None else rows_finite
 
 
 def _zoneout(K, mask: Optional[Tensor], p: float, dtype):
@@ -353,18 +452,22 @@ def event_layer(x: Tensor, y0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                 lengths: Optional[Tensor], zoneout_mask: Optional[Tensor], zoneout_p: float,
                 gamma: float, k: float, dense_forward: bool, sparse_input_density: float,
                 sparse_weight_grad_density: float, weight_grad_tile_bytes: int,
-                thread_mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                thread_mode: str, sparse_weight_density: float = 0.0,
+                w_ih_mask: Optional[Tensor] = None, w_hh_mask: Optional[Tensor] = None,
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer and direction: ``(y, c_hat, e, y_last, c_last, gates, gh_n)`` (the arguments
-    are those of :class:`LayerInputs` and :class:`Settings`; the last two outputs are saved for
-    the backward pass)."""
+    are those of :class:`LayerInputs`, :class:`Settings` and :class:`WeightMasks`; the last
+    two outputs are saved for the backward pass)."""
     inputs = LayerInputs(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zoneout_mask)
     settings = Settings(zoneout_p, gamma, k, dense_forward, sparse_input_density,
-                        sparse_weight_grad_density, weight_grad_tile_bytes, thread_mode)
-    return _forward(inputs, settings)
+                        sparse_weight_grad_density, weight_grad_tile_bytes, thread_mode,
+                        sparse_weight_density)
+    return _forward(inputs, settings, WeightMasks(w_ih_mask, w_hh_mask))
 
 
 @event_layer.register_fake
-def _event_layer_fake(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zoneout_mask, *settings):
+def _event_layer_fake(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zoneout_mask,
+                      *settings_and_masks):
     T, B, _ = x.shape
     H = w_hh.shape[1]
     sequence = [x.new_empty(T, B, H) for _ in range(3)]
@@ -372,29 +475,35 @@ def _event_layer_fake(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zoneout
             x.new_empty(T, B, H))
 
 
-def layer(inputs: LayerInputs, settings: Settings):
+def layer(inputs: LayerInputs, settings: Settings, masks: WeightMasks = WeightMasks()):
     """``(y, c_hat, e, y_last, c_last)`` of one layer and direction in processing order,
-    differentiable in every tensor of ``inputs`` but lengths and zoneout_mask."""
+    differentiable in every tensor of ``inputs`` but lengths and zoneout_mask (the masks are
+    not differentiated either)."""
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in inputs)
     if not needs_graph and not torch.compiler.is_compiling():
         # nothing to differentiate, nothing to trace: the implementation without the
         # dispatcher, whose bookkeeping is a noticeable part of a sparse B = 1 forward
-        return _forward(inputs, settings)[:5]
-    return event_layer(*inputs, *settings)[:5]
+        return _forward(inputs, settings, masks)[:5]
+    return event_layer(*inputs, *settings, *masks)[:5]
 
 
 # --- backward -----------------------------------------------------------------------------------
 
 
+_N_SETTINGS = len(Settings._fields)
+
+
 def _setup_context(ctx, inputs, output):
-    x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zoneout_mask, *settings = inputs
+    x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta, lengths, zoneout_mask, *rest = inputs
+    settings, masks = rest[:_N_SETTINGS], WeightMasks(*rest[_N_SETTINGS:])
     y, c_hat, _, _, _, gates, gh_n = output
     ctx.mark_non_differentiable(gates, gh_n)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, y0, c0, w_ih, w_hh, theta, lengths, zoneout_mask, gates, gh_n,
-                          c_hat, y)
-    ctx.settings = settings
+                          c_hat, y, *masks)
+    ctx.settings = Settings(*settings)
+    ctx.n_inputs = len(inputs)
     ctx.has_bias = (b_ih is not None, b_hh is not None)
 
 
@@ -408,10 +517,11 @@ def _backward(ctx, g_y, g_c_hat, g_e, g_y_last, g_c_last, _g_gates, _g_gh_n):
     need = ctx.needs_input_grad
     needs = [need[0], need[1], need[2], need[3], need[4], ctx.has_bias[0] and need[5],
              ctx.has_bias[1] and need[6], need[7]]
-    grads = event_layer_backward(*ctx.saved_tensors, g_y, g_c_hat, g_e, g_y_last, g_c_last,
-                                 needs, *ctx.settings)
+    saved, masks = ctx.saved_tensors[:12], ctx.saved_tensors[12:]
+    grads = event_layer_backward(*saved, g_y, g_c_hat, g_e, g_y_last, g_c_last, needs,
+                                 *ctx.settings, *masks)
     grads = tuple(g if n else None for g, n in zip(grads, needs))
-    return grads + (None,) * (2 + len(ctx.settings))
+    return grads + (None,) * (ctx.n_inputs - len(grads))
 
 
 event_layer.register_autograd(_backward, setup_context=_setup_context)
@@ -451,21 +561,24 @@ def event_layer_backward(
         g_e: Optional[Tensor], g_y_last: Optional[Tensor], g_c_last: Optional[Tensor],
         needs: list[bool], zoneout_p: float, gamma: float, k: float, dense_forward: bool,
         sparse_input_density: float, sparse_weight_grad_density: float,
-        weight_grad_tile_bytes: int, thread_mode: str,
+        weight_grad_tile_bytes: int, thread_mode: str, sparse_weight_density: float = 0.0,
+        w_ih_mask: Optional[Tensor] = None, w_hh_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``(x, y0, c0, w_ih, w_hh, b_ih, b_hh, theta)`` (empty where ``needs`` is
-    false) from those of ``(y, c_hat, e, y_last, c_last)`` (None: zero)."""
+    false) from those of ``(y, c_hat, e, y_last, c_last)`` (None: zero); with a pruning mask,
+    a weight's gradient only at the mask's nonzeros (zero elsewhere, see :class:`WeightMasks`)."""
     saved = _Saved(x, y0, c0, w_ih, w_hh, theta, lengths, zoneout_mask, gates, gh_n, c_hat, y)
     settings = Settings(zoneout_p, gamma, k, dense_forward, sparse_input_density,
-                        sparse_weight_grad_density, weight_grad_tile_bytes, thread_mode)
+                        sparse_weight_grad_density, weight_grad_tile_bytes, thread_mode,
+                        sparse_weight_density)
     return _backward_impl(saved, (g_y, g_c_hat, g_e, g_y_last, g_c_last), _Needs(*needs),
-                          settings)
+                          settings, WeightMasks(w_ih_mask, w_hh_mask))
 
 
 @event_layer_backward.register_fake
 def _event_layer_backward_fake(x, y0, c0, w_ih, w_hh, theta, lengths, zoneout_mask, gates,
                                gh_n, c_hat, y, g_y, g_c_hat, g_e, g_y_last, g_c_last, needs,
-                               *settings):
+                               *settings_and_masks):
     T, B, I = x.shape
     H = y.shape[-1]
     G = 3 * H
@@ -476,7 +589,8 @@ def _event_layer_backward_fake(x, y0, c0, w_ih, w_hh, theta, lengths, zoneout_ma
     return tuple(t if n else x.new_empty(0) for t, n in zip(out, needs))
 
 
-def _backward_impl(saved: _Saved, output_grads, needs: _Needs, s: Settings):
+def _backward_impl(saved: _Saved, output_grads, needs: _Needs, s: Settings,
+                   masks: WeightMasks = WeightMasks()):
     K = runtime.kernels()
     x, y0, c0, w_ih, w_hh, theta, lengths, zoneout_mask, gates, gh_n, c_hat, y = saved
     T, B, I = x.shape
@@ -505,11 +619,16 @@ def _backward_impl(saved: _Saved, output_grads, needs: _Needs, s: Settings):
     rec = K.Recurrence(runtime.transposed(w_hh).numpy(), np.zeros(0, placeholder.dtype),
                        theta.detach().contiguous().numpy(), len_np)
     zoneout = _zoneout(K, zoneout_mask, s.zoneout_p, placeholder.dtype)
+    hh_rows, hh_finite = runtime.compressed_rows(w_hh, masks.w_hh, s)
+    if hh_rows.used and not hh_finite:  # as the forward: non-finite weights go dense
+        hh_rows = K.no_rows(placeholder.dtype)
     macs = np.zeros(H, np.int64)
-    with runtime.threads(("backward", B, H, dtype), T, s.thread_mode) as parallel:
+    key = ("backward", B, H, dtype, hh_rows.used)
+    with runtime.threads(key, T, s.thread_mode) as parallel:
         runtime.call(K.layer_backward if parallel else K.layer_backward_serial, dtype,
                      K.Saved(gates.numpy(), gh_n.numpy(), c_hat.numpy(), c0.numpy()), rec,
-                     zoneout, K.Surrogate(float(s.gamma), float(s.k)), grads, out, macs)
+                     hh_rows, zoneout, K.Surrogate(float(s.gamma), float(s.k)), grads, out,
+                     macs)
     counters = runtime.counters
     counters.backward_recurrent += int(macs.sum())
 
@@ -519,9 +638,18 @@ def _backward_impl(saved: _Saved, output_grads, needs: _Needs, s: Settings):
     d_gi2 = d_gi.view(T * B, G)
     x2 = x.detach().reshape(T * B, I)
     valid = (torch.from_numpy(len_np) > torch.arange(T).unsqueeze(1)).view(-1)
+    ih_rows, ih_finite = K.no_rows(placeholder.dtype), None
+    if needs.x or needs.w_ih:
+        ih_rows, ih_finite = runtime.compressed_rows(w_ih, masks.w_ih, s)
     # dx is skipped when x needs no gradient (a first layer's input is data)
-    dx = d_gi2.mm(w_ih.detach()).view(T, B, I) if needs.x else none()
-    d_w_ih = _weight_grad(K, x2, d_gi2, valid, parallel, s)[0] if needs.w_ih else none()
+    dx = none()
+    if needs.x:
+        dx, input_macs = _input_grad(K, d_gi2, w_ih, ih_rows, ih_finite, parallel, s)
+        dx = dx.view(T, B, I)
+        counters.backward_input += input_macs
+    d_w_ih = none()
+    if needs.w_ih:
+        d_w_ih = _weight_grad(K, x2, d_gi2, valid, parallel, s, masks.w_ih, ih_rows)[0]
     d_b_ih = d_gi2.sum(0) if needs.b_ih or needs.b_hh else none()
     # the gradient of W_hh y_{t-1} + b_hh equals d_gi but for the reset gate's factor on the n
     # rows: turn d_gi into it in place (it is not needed any more)
@@ -529,7 +657,8 @@ def _backward_impl(saved: _Saved, output_grads, needs: _Needs, s: Settings):
     d_w_hh = d_b_hh = None
     if needs.w_hh:
         y_prev = torch.cat([y0.unsqueeze(0), y.detach()[:-1]]).view(T * B, H)
-        d_w_hh, weight_macs = _weight_grad(K, y_prev, d_gi2, valid, parallel, s)
+        d_w_hh, weight_macs = _weight_grad(K, y_prev, d_gi2, valid, parallel, s, masks.w_hh,
+                                           hh_rows)
         counters.backward_weight += weight_macs
     if needs.b_hh:  # the same as d_b_ih but for the n rows
         d_b_hh = torch.cat([d_b_ih[:2 * H], d_gi2[:, 2 * H:].sum(0)])
@@ -538,22 +667,64 @@ def _backward_impl(saved: _Saved, output_grads, needs: _Needs, s: Settings):
             none() if d_b_hh is None else d_b_hh, d_theta.sum(0) if needs.theta else none())
 
 
-def _weight_grad(K, x2, d_out2, valid, parallel, s: Settings):
+def _all_finite(K, a: Tensor) -> bool:
+    """Whether a contiguous tensor holds no NaN or infinity: one vectorised pass, without the
+    boolean tensor of ``torch.isfinite`` (10⁷ entries at B = 32, H = 1024)."""
+    return bool(runtime.call(K._all_finite, a.dtype, a.detach().contiguous().view(-1).numpy()))
+
+
+def _input_grad(K, d_out2, w: Tensor, rows, finite, parallel, s: Settings):
+    """``d_out2·w`` (N, I) from d_out2 (N, G) and w (G, I), and the MACs done: one dense
+    matmul, or through the compressed rows of a sparse weight (rows, finite: as
+    :meth:`Runtime.compressed_rows` gives them; one AXPY along N per nonzero of the weight, on
+    the gate gradients transposed), unless a weight or gradient is not finite (the dense
+    product's NaN from ``0·NaN``)."""
+    N, G = d_out2.shape
+    if not (rows.used and finite and _all_finite(K, d_out2)):
+        return d_out2.mm(w.detach()), N * G * w.shape[1]
+    d_t = d_out2.t().contiguous()
+    dx_t = torch.empty(w.shape[1], N, dtype=d_out2.dtype)
+    # tiles of the transposed gradients of about a third of the last-level cache (12 MiB)
+    tile_cols = max(1, 12 * s.weight_grad_tile_bytes // (G * d_out2.element_size()))
+    macs = runtime.call(K.compressed_input_grad, d_out2.dtype, rows, d_t.numpy(), dx_t.numpy(),
+                        tile_cols, parallel)
+    return dx_t.t().contiguous(), macs
+
+
+def _weight_grad(K, x2, d_out2, valid, parallel, s: Settings, mask=None, rows=None):
     """``Σ_n d_out[n] ⊗ x[n]`` (G, I) from x2 (N, I) and d_out2 (N, G) over the rows where
     valid (N,) is true (d_out is zero at the others), and the MACs done: one dense matmul, or
     event-driven over the nonzeros of x when they are few, with the parallel kernels or their
-    serial twins (as the backward pass chose)."""
+    serial twins (as the backward pass chose).
+
+    With a pruning mask (G, I) the gradient is zero wherever the mask is (see
+    :class:`WeightMasks`); where the weight has compressed rows of the mask's nonzeros (rows,
+    ``SparseRows`` of the transposed weight, used), the event-driven product computes it only
+    at those, each nonzero of x costing the mask's nonzeros of its row."""
     N, I = x2.shape
     G = d_out2.shape[1]
-    sparse = float(torch.count_nonzero(x2)) < s.sparse_weight_grad_density * max(x2.numel(), 1)
+    restricted = mask is not None and rows is not None and rows.used
+    cost = float(torch.count_nonzero(x2)) / max(x2.numel(), 1)
+    if restricted:
+        cost *= rows.start[-1] / max(I * G, 1) / s.sparse_weight_density  # (_relative_cost)
+    sparse = cost < s.sparse_weight_grad_density
     # a NaN or infinite gradient times a zero input is NaN in the dense product, as in the
-    # reference: the event-driven one would skip it
-    if not sparse or not bool(torch.isfinite(d_out2).all()):
+    # reference: the event-driven one would skip it (and at a mask's nonzeros only, the NaN
+    # of a non-finite input at the others)
+    if sparse:
+        sparse = _all_finite(K, d_out2) and (not restricted or _all_finite(K, x2))
+    if not sparse:
         # computed transposed: the gradient gets the weights' column-major layout
-        return x2.t().mm(d_out2).t(), G * N * I
+        d_w = x2.t().mm(d_out2).t()
+        if mask is not None:  # (times 0, not set to 0: NaN stays NaN, as in orig·mask's)
+            d_w.mul_(mask != 0)
+        return d_w, G * N * I
     d_w_t = torch.empty(I, G, dtype=x2.dtype)
     tile_rows = max(1, s.weight_grad_tile_bytes // (G * x2.element_size()))
     macs = runtime.call(K.sparse_weight_grad, x2.dtype, x2.contiguous().numpy(),
                         d_out2.contiguous().numpy(), valid.numpy(), tile_rows, d_w_t.numpy(),
-                        parallel)
-    return d_w_t.t(), int(macs)
+                        parallel, rows if restricted else None)
+    d_w = d_w_t.t()
+    if mask is not None and not restricted:
+        d_w.mul_(mask != 0)
+    return d_w, int(macs)

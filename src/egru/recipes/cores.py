@@ -77,9 +77,11 @@ class EventCore(egru.EGRU):
 
 
 class DenseRecord(NamedTuple):
-    """What a dense core did: every unit, every step."""
+    """What a dense core did: every unit, every step, with the nonzero weights it has."""
 
     steps: int  # (sample, step) pairs
+    input_grad: bool  # whether its input needed a gradient
+    weight_density: tuple  # fraction of nonzero entries of (W_ih, W_hh) (below 1 when pruned)
 
 
 class DenseCore(nn.Module):
@@ -102,7 +104,12 @@ class DenseCore(nn.Module):
             out, state = torch.func.functional_call(self.rnn, dropped, (x, state))
         else:
             out, state = self.rnn(x, state)
-        return out, state, DenseRecord(x.shape[0] * x.shape[1]) if record else None
+        if not record:
+            return out, state, None
+        with torch.no_grad():  # the weights as the call used them (a pruned one's masked)
+            density = tuple(float((getattr(self.rnn, f"weight_{m}_l0") != 0).float().mean())
+                            for m in ("ih", "hh"))
+        return out, state, DenseRecord(x.shape[0] * x.shape[1], x.requires_grad, density)
 
     def initial_state(self, batch_size: int, like: torch.Tensor):
         zero = like.new_zeros(1, batch_size, self.rnn.hidden_size)
@@ -112,7 +119,8 @@ class DenseCore(nn.Module):
         return out[-1]
 
     def stats(self, record: DenseRecord) -> egru.LayerStats:
-        return dense_layer_stats(self.rnn.input_size, self.rnn.hidden_size, record.steps, self.gates)
+        return dense_layer_stats(self.rnn.input_size, self.rnn.hidden_size, record.steps, self.gates,
+                                 record.input_grad, record.weight_density)
 
 
 CORES = {

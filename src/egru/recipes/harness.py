@@ -155,19 +155,26 @@ class LayerTotals:
     def __init__(self):
         self.sums: dict = {}
 
+    RATES = ("activity", "backward_activity")  # per step: weighted by steps
+    MACS = ("effective_macs", "dense_macs", "backward_effective_macs", "backward_dense_macs")
+    DENSITIES = ("weight_density_ih", "weight_density_hh")  # of the last call
+
     def add(self, stats: list) -> "LayerTotals":
         for i, s in enumerate(stats):
-            act, back, eff, dense, steps = self.sums.get(i, (0.0, 0.0, 0, 0, 0))
-            self.sums[i] = (act + s.activity * s.steps, back + s.backward_activity * s.steps,
-                            eff + s.effective_macs, dense + s.dense_macs, steps + s.steps)
+            sums = self.sums.setdefault(i, dict.fromkeys(self.RATES + self.MACS + ("steps",), 0))
+            for name in self.RATES:
+                sums[name] += getattr(s, name) * s.steps
+            for name in self.MACS + ("steps",):
+                sums[name] += getattr(s, name)
+            sums.update({name: getattr(s, name) for name in self.DENSITIES})
         return self
 
     def summary(self) -> dict:
-        return {f"layer{i}": {"activity": act / max(steps, 1),
-                              "backward_activity": back / max(steps, 1),
-                              "effective_macs_per_token": eff / max(steps, 1),
-                              "dense_macs_per_token": dense / max(steps, 1)}
-                for i, (act, back, eff, dense, steps) in sorted(self.sums.items())}
+        return {f"layer{i}": {**{name: sums[name] / max(sums["steps"], 1) for name in self.RATES},
+                              **{f"{name}_per_token": sums[name] / max(sums["steps"], 1)
+                                 for name in self.MACS},
+                              **{name: sums[name] for name in self.DENSITIES}}
+                for i, sums in sorted(self.sums.items())}
 
 
 def make_pruner(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Optional[prune.GradualPruning]:
