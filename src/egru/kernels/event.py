@@ -518,8 +518,11 @@ def _backward(ctx, g_y, g_c_hat, g_e, g_y_last, g_c_last, _g_gates, _g_gh_n):
     needs = [need[0], need[1], need[2], need[3], need[4], ctx.has_bias[0] and need[5],
              ctx.has_bias[1] and need[6], need[7]]
     saved, masks = ctx.saved_tensors[:12], ctx.saved_tensors[12:]
-    grads = event_layer_backward(*saved, g_y, g_c_hat, g_e, g_y_last, g_c_last, needs,
-                                 *ctx.settings, *masks)
+    # plain tensors run without the operator's dispatch, as inference does; traced ones (fake
+    # or functional tensors while torch.compile builds the backward graph) need the operator
+    plain = type(saved[0]) is torch.Tensor
+    backward = _layer_backward if plain else event_layer_backward
+    grads = backward(*saved, g_y, g_c_hat, g_e, g_y_last, g_c_last, needs, *ctx.settings, *masks)
     grads = tuple(g if n else None for g, n in zip(grads, needs))
     return grads + (None,) * (ctx.n_inputs - len(grads))
 
@@ -553,8 +556,7 @@ class _Needs(NamedTuple):
     theta: bool
 
 
-@torch.library.custom_op("egru::event_layer_backward", mutates_args=(), device_types="cpu")
-def event_layer_backward(
+def _layer_backward(
         x: Tensor, y0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, theta: Tensor,
         lengths: Optional[Tensor], zoneout_mask: Optional[Tensor], gates: Tensor, gh_n: Tensor,
         c_hat: Tensor, y: Tensor, g_y: Optional[Tensor], g_c_hat: Optional[Tensor],
@@ -573,6 +575,10 @@ def event_layer_backward(
                         sparse_weight_density)
     return _backward_impl(saved, (g_y, g_c_hat, g_e, g_y_last, g_c_last), _Needs(*needs),
                           settings, WeightMasks(w_ih_mask, w_hh_mask))
+
+
+event_layer_backward = torch.library.custom_op(
+    "egru::event_layer_backward", mutates_args=(), device_types="cpu")(_layer_backward)
 
 
 @event_layer_backward.register_fake
