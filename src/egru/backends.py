@@ -52,7 +52,7 @@ class Tuning:
     sparse_weight_density: a weight is kept by rows of its nonzeros (each event then costs
         the nonzeros of its row, forward and in ``W_hᵀδ``) below this fraction of nonzeros in
         the weight (of its pruning mask, when it has one); 0 turns it off. At H = 1024 and
-        activity 0.1 the crossover was about 0.2 for a batch-1 forward and about 0.1 for a
+        activity 0.1 the crossover was about 0.2 for a batch-1 forward and about 0.15 for a
         training step at B = 32 (an indexed update costs about ten times a vectorised one).
     auto_dense_min_batch, auto_activity_limit: ``"auto"`` computes the forward recurrent
         product densely (one matmul per step) from this many samples on, when the layer's

@@ -506,9 +506,8 @@ def _effective_weight(module: nn.Module, name: str) -> torch.Tensor:
 
 def _copy_gru_weights(source: nn.Module, target: nn.Module) -> None:
     """``target``'s ``torch.nn.GRU``-named weights and biases set to ``source``'s (layouts kept)."""
-    names = [n for n in _gru_parameter_names(target) if not n.startswith("threshold")]
     with torch.no_grad():
-        for name in names:
+        for name in _gru_parameter_names(target):
             getattr(target, name).copy_(_effective_weight(source, name))
 
 

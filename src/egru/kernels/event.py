@@ -178,9 +178,10 @@ class Counters:
     (a dense step counts ``3H·H``); ``input``: forward input product when it ran event-driven
     (``3H·nnz(x)`` over valid steps); ``backward_recurrent``: ``W_hᵀδ`` products, done for
     blocks of four units; ``backward_weight``: recurrent weight gradient (when it is a dense
-    matmul, the matmul's MACs); ``backward_input``: the gradient of the input (when needed). With a weight in compressed rows, an event or nonzero input
-    counts the nonzeros of its row instead of ``3H`` (the MACs touched), and the weight
-    gradient at a pruning mask counts the mask's nonzeros of each event's row.
+    matmul, the matmul's MACs); ``backward_input``: the gradient of the input (when needed).
+    With a weight in compressed rows, an event or nonzero input counts the nonzeros of its row
+    instead of ``3H`` (the MACs touched), and the weight gradient at a pruning mask counts the
+    mask's nonzeros of each event's row.
     """
 
     def __init__(self):
@@ -362,7 +363,7 @@ def _forward(inputs: LayerInputs, s: Settings, masks: WeightMasks = WeightMasks(
     counters = runtime.counters
     ih_rows, ih_finite = runtime.compressed_rows(w_ih, masks.w_ih, s)
     # the event-driven product's cost, as a fraction of the dense rows' at every input
-    cost = np.count_nonzero(x_np) / max(x_np.size, 1) * _relative_cost(ih_rows, w_ih, s)
+    cost = np.count_nonzero(x_np) / max(x_np.size, 1) * _relative_cost(ih_rows, w_ih.numel(), s)
     if cost < s.sparse_input_density and _finite(w_ih, ih_finite):
         gates = torch.empty(T * B, G, dtype=dtype)
         valid = np.arange(T)[:, None] < len_np[None, :]
@@ -403,7 +404,7 @@ def _forward(inputs: LayerInputs, s: Settings, masks: WeightMasks = WeightMasks(
     return y, c_hat, e, y_last, c_last, gates, gh_n
 
 
-def _relative_cost(rows, w: Tensor, s: Settings) -> float:
+def _relative_cost(rows, entries: int, s: Settings) -> float:
     """The time of an event-driven product through a weight's compressed rows relative to
     its dense rows (1 for dense rows): its fraction of nonzeros over ``sparse_weight_density``,
     the fraction where the two take the same time (a compressed row costs more per MAC: an
@@ -412,7 +413,7 @@ def _relative_cost(rows, w: Tensor, s: Settings) -> float:
     their thresholds, as they compare the input's density alone for dense rows."""
     if not rows.used:
         return 1.0
-    return rows.start[-1] / max(w.numel(), 1) / s.sparse_weight_density
+    return rows.start[-1] / max(entries, 1) / s.sparse_weight_density
 
 
 def _finite(w: Tensor, rows_finite: Optional[bool]) -> bool:
@@ -712,7 +713,7 @@ def _weight_grad(K, x2, d_out2, valid, parallel, s: Settings, mask=None, rows=No
     restricted = mask is not None and rows is not None and rows.used
     cost = float(torch.count_nonzero(x2)) / max(x2.numel(), 1)
     if restricted:
-        cost *= rows.start[-1] / max(I * G, 1) / s.sparse_weight_density  # (_relative_cost)
+        cost *= _relative_cost(rows, I * G, s)
     sparse = cost < s.sparse_weight_grad_density
     # a NaN or infinite gradient times a zero input is NaN in the dense product, as in the
     # reference: the event-driven one would skip it (and at a mask's nonzeros only, the NaN

@@ -106,9 +106,8 @@ class DenseCore(nn.Module):
             out, state = self.rnn(x, state)
         if not record:
             return out, state, None
-        with torch.no_grad():  # the weights as the call used them (a pruned one's masked)
-            density = tuple(float((getattr(self.rnn, f"weight_{m}_l0") != 0).float().mean())
-                            for m in ("ih", "hh"))
+        density = egru.prune.weight_density(self.rnn)  # of the weights the call used
+        density = (density["weight_ih_l0"], density["weight_hh_l0"])
         return out, state, DenseRecord(x.shape[0] * x.shape[1], x.requires_grad, density)
 
     def initial_state(self, batch_size: int, like: torch.Tensor):
