@@ -206,6 +206,26 @@ def pruned(model, density: float):
     return model
 
 
+def compressed_fraction(model) -> float:
+    """Bytes of a pruned layer's weights as the event kernels keep them (compressed rows:
+    values, column indices and row starts, per presynaptic unit) over their dense float32
+    bytes."""
+    from egru.kernels import event
+
+    event.runtime.kernels()
+    keep_all = event.Settings(zoneout_p=0.0, gamma=1.0, k=1.0, dense_forward=False,
+                              sparse_input_density=0.0, sparse_weight_grad_density=0.0,
+                              weight_grad_tile_bytes=1, thread_mode="serial", sparse_weight_density=1.0)
+    stored = dense = 0
+    with torch.no_grad():
+        for name in ("weight_ih_l0", "weight_hh_l0"):
+            w, mask = getattr(model, name + "_orig") * getattr(model, name + "_mask"), getattr(model, name + "_mask")
+            rows, _ = event.runtime.compressed_rows(w, mask, keep_all)
+            stored += rows.start.nbytes + rows.idx.nbytes + rows.vals.nbytes
+            dense += w.numel() * 4
+    return stored / dense
+
+
 def run(batches, hiddens, activities, backends, steps, repeats, reference_max_hidden, inputs,
         support_k=1.0, weight_densities=(1.0,)):
     rows = []
@@ -238,6 +258,8 @@ def run(batches, hiddens, activities, backends, steps, repeats, reference_max_hi
                             row = {**base, "model": f"EGRU[{backend}]", "support_k": support_k,
                                    "target_activity": target, "weight_density": density,
                                    "activity": measure_activity(model, x),
+                                   **({"compressed_weight_fraction": compressed_fraction(model)}
+                                      if density < 1.0 else {}),
                                    **time_model(model, x, repeats, input_grad=input_grad,
                                                 alongside=(gru, x_dense))}
                             rows.append(row)
@@ -282,7 +304,9 @@ def _fmt(row, gru_row) -> str:
     return (f"B={row['B']:<3} H={row['H']:<5} {row['input']:<6} {name:<28} fwd {fwd * 1e3:9.1f} ms "
             f"({r_fwd:5.2f}x GRU)  fwd+bwd {fb * 1e3:9.1f} ms "
             f"({r_fb:5.2f}x GRU)  peak {mem:7.1f} MiB"
-            + ("" if bwd is None else f"  bwd W_h^T.delta {bwd:4.2f} of dense"))
+            + ("" if bwd is None else f"  bwd W_h^T.delta {bwd:4.2f} of dense")
+            + ("" if "compressed_weight_fraction" not in row
+               else f"  weights stored {row['compressed_weight_fraction']:.1%} of dense f32"))
 
 
 def markdown_table(rows) -> str:

@@ -137,6 +137,42 @@ def test_pruned_gru_runs_on_the_masked_weight_not_a_stale_copy():
     torch.testing.assert_close(model(x), unpruned_copy(model, "gru")(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind, backend", [("egru", b) for b in BACKENDS] + [("gru", None)])
+def test_inference_reuses_the_masked_weight_until_weight_or_mask_change(kind, backend):
+    """Without gradients the masked weight is made once and kept; an optimiser step, further
+    pruning and load_state_dict change ``_orig`` or the mask in place, and the next call sees
+    them. With gradients it is made at every call (autograd needs the product)."""
+    model = Model(kind, backend or "reference")
+    prune.magnitude(model, 0.5)
+    x = torch.randn(5, 2, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def masked_weight():
+        return model.rnn.weight_hh_l0
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), unpruned_copy(model, kind, backend or "reference")(x),
+                                       rtol=0, atol=0)
+
+    with torch.no_grad():
+        model(x)
+        kept = masked_weight()
+        model(x)
+        assert masked_weight() is kept  # nothing changed: the same tensor
+    check()
+    model(x).square().sum().backward()
+    assert masked_weight() is not kept and masked_weight().grad_fn is not None
+    optimizer.step()
+    check()
+    prune.magnitude(model, 0.8)
+    check()
+    other = Model(kind, backend or "reference")
+    prune.magnitude(other, 0.6)
+    model.load_state_dict(other.state_dict())
+    check()
+
+
 def test_egru_weights_stay_column_major():
     model = Model("egru")
     prune.magnitude(model, 0.5)

@@ -212,18 +212,26 @@ def test_default_tuning_compresses_only_sparse_weights():
         assert (event.runtime.counters.recurrent < 3 * H * events) == compressed
 
 
-def test_changed_masks_are_seen():
-    """The pattern of a mask is kept per version of the mask buffer: pruning further (an
-    in-place copy into the buffer) is seen by the next call."""
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_changed_masks_and_weights_are_seen(grad):
+    """The pattern of a mask is kept per version of the mask buffer, and without gradients the
+    compressed values per version of the masked weight: pruning further (an in-place copy into
+    the buffer) and an in-place change of ``_orig`` are seen by the next call."""
     model = pruned_model(dict(input_size=3, hidden_size=5), 0.5, torch.float64)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     layer = backends.Event(TUNINGS["compressed-all"])
-    for sparsity in (0.6, 0.9):
-        prune.magnitude(model, sparsity)
-        model._layer_fn, model.backend = layer, "event"
-        got = model(x)[0]
-        model._layer_fn, model.backend = backends.Reference(), "reference"
-        torch.testing.assert_close(got, model(x)[0], **TOL[torch.float64])
+    with torch.set_grad_enabled(grad):
+        for change in ("prune 0.6", "scale", "prune 0.9", "scale"):
+            if change == "scale":
+                with torch.no_grad():
+                    model.weight_hh_l0_orig.mul_(1.5)
+                    model.weight_ih_l0_orig.mul_(0.5)
+            else:
+                prune.magnitude(model, float(change.split()[1]))
+            model._layer_fn, model.backend = layer, "event"
+            got = model(x)[0]
+            model._layer_fn, model.backend = backends.Reference(), "reference"
+            torch.testing.assert_close(got, model(x)[0], **TOL[torch.float64])
 
 
 def test_compiled_pruned_model_equals_eager():

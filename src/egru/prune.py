@@ -76,7 +76,7 @@ class _Target:
     def reparametrise(self) -> None:
         if not self.pruned:
             order = [self.param + "_orig" if k == self.param else k for k in self.module._parameters]
-            torch_prune.identity(self.module, self.param)
+            _MaskedWeight.apply(self.module, self.param)
             _reorder(self.module._parameters, order)
 
     def remove(self) -> None:
@@ -93,6 +93,30 @@ class _Target:
         for hook in self.module._forward_pre_hooks.values():
             if isinstance(hook, torch_prune.BasePruningMethod) and hook._tensor_name == self.param:
                 setattr(self.module, self.param, hook.apply_mask(self.module))
+
+
+class _MaskedWeight(torch_prune.Identity):
+    """torch's all-ones reparametrisation (``prune.identity``) whose hook reuses the masked
+    weight while no gradient is recorded and neither ``_orig`` nor ``_mask`` changed (their
+    storage and autograd version: optimiser steps, ``load_state_dict`` and in-place writes
+    through the tensors bump it; writes through ``.data`` do not). Multiplying a 3H × H matrix
+    by its mask costs more than a whole event-driven forward of a short sequence, and it would
+    also hand the kernels a new tensor at every call, so that they could not keep its
+    compressed rows. With gradients the product is made at every call, as autograd needs."""
+
+    _stamp = None
+
+    def __call__(self, module, inputs):
+        orig = getattr(module, self._tensor_name + "_orig")
+        mask = getattr(module, self._tensor_name + "_mask")
+        if (torch.is_grad_enabled() and orig.requires_grad) or torch.compiler.is_compiling():
+            self._stamp = None
+        else:
+            stamp = (orig._version, orig.data_ptr(), mask._version, mask.data_ptr())
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+        setattr(module, self._tensor_name, self.apply_mask(module))
 
 
 def _reorder(params: dict, order: list[str]) -> None:

@@ -284,8 +284,10 @@ class Runtime:
         placeholder of dense rows and None (not checked).
 
         With a mask, the pattern (which entries) is kept per version of the mask buffer and the
-        values are gathered from ``w`` at each call, O(nnz): a pruned module's weight is a fresh
-        product ``orig·mask`` at every forward. Without one, the number of nonzeros is kept per
+        values are gathered from ``w``, O(nnz): at each call where ``w`` is a fresh product
+        (``orig·mask`` made for autograd), else kept per version of ``w`` and of the mask (a
+        pruned module hands the same masked weight to every call without gradients until
+        ``orig`` or the mask changes). Without one, the number of nonzeros is kept per
         version of the weight (a dense weight is then never read again), and compressed rows
         per version and fingerprint (one read of the weight per call: writes through ``.data``
         and numpy views do not bump the version; see :meth:`transposed`).
@@ -299,9 +301,13 @@ class Runtime:
             start, idx = self._patterns.get(mask, lambda: self._mask_pattern(mask, w.dtype))
             if start[-1] >= limit:
                 return dense
-            w_t = self.transposed(w).numpy()
-            vals, finite = self.call(K.gather_rows, w_t.dtype, start, idx, w_t)
-            return K.SparseRows(True, start, idx, vals), bool(finite)
+
+            def gather():
+                w_t = self.transposed(w).numpy()
+                vals, finite = self.call(K.gather_rows, w_t.dtype, start, idx, w_t)
+                return K.SparseRows(True, start, idx, vals), bool(finite)
+
+            return self._rows.get(w, gather, check=(id(mask), mask._version, mask.data_ptr()))
         if self._nonzeros.get(w, lambda: int(torch.count_nonzero(w.detach()))) >= limit:
             return dense
         fresh = w.requires_grad and w.grad_fn is not None
