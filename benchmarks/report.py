@@ -35,6 +35,7 @@ GRID = "docs/speed.json"
 B1_LOAD = [("docs/load/b1-quiet1.json", "docs/load/b1-busy1.json"),
            ("docs/load/b1-quiet2.json", "docs/load/b1-busy2.json")]
 B32_LOAD = ("docs/load/b32-quiet.json", "docs/load/b32-busy.json")
+WEIGHT_SPARSITY = "docs/speed-weight-sparsity.json"
 
 # The headline: H = 1024, ~90 % activity sparsity, the event and auto backends, nn.GRU timed
 # alongside each call. Each row names the quiet (no --busy) files it is read from.
@@ -217,10 +218,34 @@ def load_b32(doc: Path) -> str:
     return "\n".join(lines)
 
 
+def weight_sparsity(doc: Path) -> str:
+    """Pruned EGRUs against nn.GRU (timed alongside) and the unpruned EGRU, by batch size:
+    times, speed-ups, and the bytes of the compressed weights the kernels keep."""
+    rows = load(WEIGHT_SPARSITY)["rows"]
+    lines = ["| B | model | activity | forward ms | × nn.GRU | training step ms | × nn.GRU | "
+             "weights stored (of dense float32) |", "|---|---|---|---|---|---|---|---|"]
+    for B in sorted({r["B"] for r in rows}):
+        gru = next(r for r in rows if r["B"] == B and r["model"] == "nn.GRU")
+        egrus = sorted((r for r in rows if r["B"] == B and r["model"].startswith("EGRU")),
+                       key=lambda r: (r["weight_density"] == 1.0, r["weight_density"], r["activity"]))
+        lines.append(f"| {B} | nn.GRU | | {gru['forward_s'] * 1e3:.1f} | 1.00 | "
+                     f"{gru['forward_backward_s'] * 1e3:.1f} | 1.00 | |")
+        for r in egrus:
+            fwd, step = speed.ratios(r, gru)
+            density = r["weight_density"]
+            name = "EGRU, unpruned" if density == 1.0 else f"EGRU, weights {density:.0%}"
+            stored = r.get("compressed_weight_fraction")
+            lines.append(f"| {B} | {name} | {r['activity']:.3f} | {r['forward_s'] * 1e3:.1f} | {fwd:.2f} | "
+                         f"{r['forward_backward_s'] * 1e3:.1f} | {step:.2f} | "
+                         f"{'' if stored is None else f'{stored:.1%}'} |")
+    return "\n".join(lines)
+
+
 BLOCKS = {
     "README.md": {"headline": headline},
     "docs/speed.md": {"headline": headline, "reproduce": reproduce, "by-backend": by_backend,
-                      "results": results, "load-b1": load_b1, "load-b32": load_b32},
+                      "results": results, "load-b1": load_b1, "load-b32": load_b32,
+                      "weight-sparsity": weight_sparsity},
 }
 
 

@@ -1,0 +1,64 @@
+"""benchmarks/prune_study.py: every run of the weight-sparsity study is a valid ``egru train lm``
+command with the settings the study means, and its report reads a run's results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from egru import cli
+from egru.recipes import lm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("prune_study", ROOT / "benchmarks" / "prune_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def config_of(study, name, args, root):
+    parsed = cli.build_parser().parse_args(study.command(name, args, root)[1:])
+    return cli.lm_config(parsed)
+
+
+def test_commands_parse_into_the_study_configs(study, tmp_path):
+    grid = study.runs()
+    configs = {name: config_of(study, name, args, tmp_path) for name, args in grid.items()}
+    ptb = {(c.model, c.prune_to) for n, c in configs.items() if c.dataset == "ptb" and c.hidden_size == 400}
+    assert ptb == {(m, s) for m in ("egru", "gru") for s in study.SPARSITIES}
+    for name, cfg in configs.items():
+        preset = lm.preset("cpu-small", cfg.model)
+        assert cfg.lr == preset.lr and cfg.dropconnect == preset.dropconnect, name
+        assert cfg.epochs == study.EPOCHS[cfg.dataset]
+        if cfg.prune_to:
+            assert (cfg.prune_start, cfg.prune_end, cfg.prune_every) == (0.1, 0.6, 50)
+    wide = [c for c in configs.values() if c.hidden_size != 400]
+    assert [(c.model, c.hidden_size, c.prune_to) for c in wide] == [("egru", study.WIDE_HIDDEN, 0.0)]
+
+
+def test_report_reads_a_run(study, tmp_path):
+    """Effective MACs relative to the unpruned GRU's dense count, weight density per layer
+    weighted by the two matrices' sizes."""
+    layer = {"activity": 0.1, "effective_macs_per_token": 0.0, "weight_density_ih": 0.2,
+             "weight_density_hh": 0.1}
+    layers = {"layer0": {**layer, "effective_macs_per_token": 54_000.0},  # E=200 → H=400
+              "layer1": {**layer, "effective_macs_per_token": 0.0}}
+    config = {"model": "egru", "hidden_size": 400, "embedding_size": 200, "num_layers": 2, "prune_to": 0.9}
+    run = tmp_path / "ptb-egru-p90"
+    run.mkdir()
+    run.joinpath("results.json").write_text(json.dumps({
+        "config": config, "valid": {"perplexity": 120.0}, "test": {"perplexity": 110.0, "layers": layers},
+        "train_tokens_per_second": 1000.0, "train_seconds": 10.0}))
+    m = study.measure(run)
+    # dense GRU: 3·(200·400 + 400·400) + 3·(400·200 + 200·200) = 1,080,000 MACs per token
+    assert m["macs"] == pytest.approx(54_000 / 1_080_000)
+    assert m["weight_density"][0] == pytest.approx((0.2 * 200 + 0.1 * 400) / 600)
+    assert m["weight_density"][1] == pytest.approx((0.2 * 400 + 0.1 * 200) / 600)
+    assert m["test"] == 110.0
