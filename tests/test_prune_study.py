@@ -62,3 +62,19 @@ def test_report_reads_a_run(study, tmp_path):
     assert m["weight_density"][0] == pytest.approx((0.2 * 200 + 0.1 * 400) / 600)
     assert m["weight_density"][1] == pytest.approx((0.2 * 400 + 0.1 * 200) / 600)
     assert m["test"] == 110.0
+
+
+def test_report_prints_the_table_and_draws_the_plot(study, tmp_path, capsys):
+    layers = {f"layer{i}": {"activity": a, "effective_macs_per_token": m, "weight_density_ih": d,
+                            "weight_density_hh": d} for i, (a, m, d) in enumerate(((1.0, 720_000.0, 1.0),
+                                                                                    (1.0, 360_000.0, 1.0)))}
+    config = {"model": "gru", "hidden_size": 400, "embedding_size": 200, "num_layers": 2, "prune_to": 0.0}
+    run = tmp_path / "ptb-gru-p00"
+    run.mkdir()
+    run.joinpath("results.json").write_text(json.dumps({
+        "config": config, "valid": {"perplexity": 120.0}, "test": {"perplexity": 118.0, "layers": layers},
+        "train_tokens_per_second": 1000.0, "train_seconds": 10.0}))
+    study.report(tmp_path, tmp_path / "study.png")
+    table = capsys.readouterr().out
+    assert "| ptb-gru-p00 | 0% | 118.0 | 120.0 | 0.0% / 0.0% | 100.0% / 100.0% | 1.000 (1/1) |" in table
+    assert (tmp_path / "study.png").stat().st_size > 0

@@ -1,6 +1,6 @@
 """egru: event-based gated recurrent units (activity-sparse RNNs) for PyTorch."""
 
-from . import functional, prune
+from . import functional, prune, rtrl
 from .backends import available as available_backends
 from .modules import EGRU, EGRUCell, init_thresholds_, keep_thresholds_in_range
 from .sparsity import LayerStats, layer_stats, model_stats
@@ -25,4 +25,5 @@ __all__ = [
     "layer_stats",
     "model_stats",
     "prune",
+    "rtrl",
 ]
