@@ -36,9 +36,10 @@ def test_commands_parse_into_the_study_configs(study, tmp_path):
     for name, cfg in configs.items():
         preset = lm.preset("cpu-small", cfg.model)
         assert cfg.lr == preset.lr and cfg.dropconnect == preset.dropconnect, name
-        assert cfg.epochs == study.EPOCHS[cfg.dataset]
+        assert (cfg.epochs, cfg.max_steps) == {"ptb": (2, None), "wikitext2": (1, 600)}[cfg.dataset]
         if cfg.prune_to:
-            assert (cfg.prune_start, cfg.prune_end, cfg.prune_every) == (0.1, 0.6, 50)
+            schedule = {"ptb": (0.1, 0.6, 50), "wikitext2": (0.02, 0.2, 25)}[cfg.dataset]
+            assert (cfg.prune_start, cfg.prune_end, cfg.prune_every) == schedule
     wide = [c for c in configs.values() if c.hidden_size != 400]
     assert [(c.model, c.hidden_size, c.prune_to) for c in wide] == [("egru", study.WIDE_HIDDEN, 0.0)]
 
