@@ -202,7 +202,8 @@ class RTRL:
         return y.clone().requires_grad_(True)
 
     def _carry_over(self, z, weight_hh, d_gh) -> torch.Tensor:
-        """``(∂ĉ_t/∂y_{t-1})·dy_{t-1}/dθ + diag(z)·dc_{t-1}/dθ``: what ``M_{t-1}`` hands on."""
+        """``(∂ĉ_t/∂y_{t-1})·dy_{t-1}/dθ + diag(z)·dc_{t-1}/dθ``: what ``M_{t-1}`` hands on,
+        computed in the influence tensor itself."""
         M = self._influence
         B, H, P = M.shape
         # G_{t-1}: the units whose output depends on θ at all (D^y or the ϑ term nonzero)
@@ -220,12 +221,14 @@ class RTRL:
         # Jacobian ∂ĉ_i/∂y_j = Σ_gates d_gh[gate, i]·W_h,gate[i, j], on the columns j in G only
         w_cols = weight_hh.reshape(3, H, H)[:, :, units]  # (3, H, B, width)
         jacobian = torch.einsum("bgi,gibk->bik", d_gh.view(B, 3, H), w_cols) * real.unsqueeze(1)
-        own = M * (z * self._dc_dchat).unsqueeze(2)  # ĉ_t depends on its own c_{t-1} through z
+        # M_{t-1} becomes M_t in place (the rows of G were copied out above): no B × H × P
+        # tensor is allocated per step. ĉ_t depends on its own c_{t-1} through z:
+        M.mul_((z * self._dc_dchat).unsqueeze(2))
         all_units = torch.arange(H, device=M.device).expand(B, H)
-        self._add_threshold_term(own, all_units, z * self._dc_dthreshold)
+        self._add_threshold_term(M, all_units, z * self._dc_dthreshold)
         g = int(sizes.sum())
         self.macs += g * P + 3 * H * g + H * g * P + B * H * P
-        return torch.bmm(jacobian, dy_rows) + own
+        return M.baddbmm_(jacobian, dy_rows)
 
     def _add_threshold_term(self, influence, units, values) -> None:
         """Add ``values`` (B, k) into the threshold column of ``units`` (B, k), row by row."""
