@@ -247,3 +247,28 @@ def test_bad_input():
     egru.prune.magnitude(cell, 0.5, matrices="ih")
     with pytest.raises(RuntimeError, match="mask changed"):
         learner.reset(2)
+
+
+def test_state_dict_continues_exactly_and_refuses_another_learner():
+    torch.manual_seed(3)
+    cell = egru.EGRUCell(3, 5, dtype=torch.float64)
+    xs = torch.randn(6, 2, 3, dtype=torch.float64)
+    whole = RTRL(cell)
+    whole.reset(2)
+    for x in xs:
+        whole.step(x)
+    first = RTRL(cell)
+    first.reset(2)
+    for x in xs[:3]:
+        first.step(x)
+    second = RTRL(cell)
+    second.reset(2)
+    second.load_state_dict(first.state_dict())
+    for x in xs[3:]:
+        second.step(x)
+    for got, want in zip(second.state_dict().values(), whole.state_dict().values()):
+        assert torch.equal(got, want)
+    other = RTRL(egru.EGRUCell(3, 4, dtype=torch.float64))
+    other.reset(2)
+    with pytest.raises(ValueError, match="influence of shape"):
+        other.load_state_dict(first.state_dict())

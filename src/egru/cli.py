@@ -96,23 +96,26 @@ def lm_config(args):
     return dataclasses.replace(lm.preset(args.preset, getattr(args, PREFIX + "model")), **_overrides(args))
 
 
-def _summary(model: str, result: dict, metric: str, fmt: str) -> str:
-    """The final evaluations and, per layer, sparsity and MACs."""
+def _summary(name: str, result: dict, metric: str, fmt: str) -> str:
+    """The final evaluations and, per layer, sparsity and MACs (and RTRL's, when it learned)."""
     splits = [s for s in ("valid", "test") if s in result]
-    lines = [f"{model}: " + ", ".join(f"{s} {metric} {result[s][metric]:{fmt}}" for s in splits)]
+    lines = [f"{name}: " + ", ".join(f"{s} {metric} {result[s][metric]:{fmt}}" for s in splits)]
     for name, layer in result[splits[-1]]["layers"].items():
         lines.append(f"  {name}: activity sparsity {1 - layer['activity']:.1%}, "
                      f"backward sparsity {1 - layer['backward_activity']:.1%}, "
                      f"MACs/token {layer['effective_macs_per_token']:,.0f} "
                      f"of {layer['dense_macs_per_token']:,.0f}")
+    if "influence_macs_per_token" in result[splits[-1]]:
+        lines.append(f"  RTRL influence update: {result[splits[-1]]['influence_macs_per_token']:,.0f} "
+                     "MACs/token in training")
     if "train_tokens_per_second" in result:
         lines.append(f"  training: {result['train_tokens_per_second']:,.0f} tokens/s")
     return "\n".join(lines)
 
 
-def _finish(args, cfg, result: dict, metric: str, fmt: str) -> int:
+def _finish(args, name: str, result: dict, metric: str, fmt: str) -> int:
     if result:  # only the main process of a distributed run has one
-        print(_summary(cfg.model, result, metric, fmt))
+        print(_summary(name, result, metric, fmt))
         with open(f"{args.run_dir}/results.json", "w") as f:
             json.dump(result, f, indent=2)
     return 0
@@ -124,7 +127,7 @@ def _train_lm(args) -> int:
     cfg = lm_config(args)
     result = lm.train_and_evaluate(cfg, args.run_dir, data_dir=args.data_dir, download=args.download,
                                    resume=args.resume, progress=not args.no_progress)
-    return _finish(args, cfg, result, "perplexity", ".2f")
+    return _finish(args, cfg.model, result, "perplexity", ".2f")
 
 
 def _train_classify(args) -> int:
@@ -132,7 +135,16 @@ def _train_classify(args) -> int:
 
     cfg = classify.ClassifyConfig(**_overrides(args))
     result = classify.train_and_evaluate(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
-    return _finish(args, cfg, result, "accuracy", ".1%")
+    return _finish(args, cfg.model, result, "accuracy", ".1%")
+
+
+def _train_online(args) -> int:
+    from egru.recipes import online
+
+    cfg = online.OnlineConfig(**_overrides(args))
+    result = online.train_and_evaluate(cfg, args.run_dir, data_dir=args.data_dir, download=args.download,
+                                       resume=args.resume, progress=not args.no_progress)
+    return _finish(args, f"{cfg.model} ({cfg.learning})", result, "accuracy", ".1%")
 
 
 def _eval_lm(args) -> int:
@@ -191,7 +203,7 @@ def _demo_arguments(demo, defaults) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from egru.recipes import classify, lm
+    from egru.recipes import classify, lm, online
 
     parser = _Parser(prog="egru", description="Event-based GRUs: activity-sparse RNNs.")
     parser.add_argument("--version", action="version", version=f"egru {egru.__version__}")
@@ -231,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(train_classify, classify.ClassifyConfig, "classification", classify.ClassifyConfig(),
                       "default")
     train_classify.set_defaults(run=_train_classify)
+
+    train_online = train.add_parser(
+        "online", help="online learning of one EGRU cell by RTRL or BPTT (row-wise MNIST, a delay task)",
+        description="Train one EGRU cell and a linear readout by real-time recurrent learning (RTRL) "
+                    "or by backpropagation through time (BPTT), on the same examples in the same order. "
+                    "Shown in brackets: the defaults.")
+    _run_arguments(train_online)
+    _data_arguments(train_online)
+    _config_arguments(train_online, online.OnlineConfig, "online learning", online.OnlineConfig(), "default")
+    train_online.set_defaults(run=_train_online)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
     eval_lm = evaluate.add_parser("lm", help="perplexity of a language-model checkpoint")

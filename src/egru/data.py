@@ -1,26 +1,32 @@
-"""Word-level language-modeling corpora: Penn Treebank and WikiText-2 (SPEC §6).
+"""Data sets: the word-level language-modeling corpora Penn Treebank and WikiText-2 (SPEC §6),
+and MNIST.
 
 The standard files are read from a data directory (``data_dir`` or the ``EGRU_DATA_DIR``
-environment variable), either directly in it or in a sub-folder named after the corpus
-(``ptb/``, ``wikitext-2/``). Every file is checked against its published SHA-256 before it is
-used, so a corrupt or truncated copy is reported instead of trained on. With
-``download=True`` missing files are fetched from their public locations into a cache
-directory (``EGRU_CACHE_DIR`` or ``~/.cache/egru``), verified, then used.
+environment variable), either directly in it or in a sub-folder named after the data set
+(``ptb/``, ``wikitext-2/``, ``mnist/``). Every file is checked against its published SHA-256
+before it is used (a ``.gz`` file: what it holds, so that any gzip of the same bytes passes),
+so a corrupt or truncated copy is reported instead of trained on. With ``download=True``
+missing files are fetched from their public locations into a cache directory
+(``EGRU_CACHE_DIR`` or ``~/.cache/egru``), verified, then used.
 
 Tokens are the whitespace-separated words of each line plus ``<eos>`` at its end; the
-vocabulary is numbered in order of first occurrence over train, valid, test.
+vocabulary is numbered in order of first occurrence over train, valid, test. MNIST comes in
+its IDX files (``train-images-idx3-ubyte.gz`` and the others): :func:`load_mnist`.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 SPLITS = ("train", "valid", "test")
@@ -32,8 +38,10 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class CorpusFiles:
+    """The files of a data set (a corpus, or MNIST)."""
+
     folder: str
-    files: dict  # split -> file name
+    files: dict  # split (for MNIST: split and part) -> file name
     sha256: dict  # file name -> hex digest
     urls: dict  # file name -> public location
 
@@ -65,6 +73,27 @@ CORPORA = {
 }
 
 
+MNIST_SOURCE = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's mirror of LeCun's files
+MNIST_FILES = {("train", "images"): "train-images-idx3-ubyte.gz",
+               ("train", "labels"): "train-labels-idx1-ubyte.gz",
+               ("test", "images"): "t10k-images-idx3-ubyte.gz",
+               ("test", "labels"): "t10k-labels-idx1-ubyte.gz"}
+# Data sets that are not corpora (CORPORA are the language model's choices).
+DATASETS = {
+    "mnist": CorpusFiles(
+        folder="mnist",
+        files=MNIST_FILES,
+        sha256={  # of the uncompressed IDX files, which every copy of MNIST shares
+            "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        },
+        urls={file: MNIST_SOURCE + file for file in MNIST_FILES.values()},
+    ),
+}
+
+
 @dataclass
 class Corpus:
     """Token ids of the three splits and the vocabulary they index."""
@@ -82,10 +111,16 @@ class Corpus:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    """The SHA-256 of a file's bytes; of a ``.gz`` file, of the bytes it holds. A damaged gzip
+    file raises :class:`DataError`."""
+    path, digest = Path(path), hashlib.sha256()
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise DataError(f"{path} is not a readable gzip file ({err}): it is corrupt or truncated; "
+                        "replace it with the original") from None
     return digest.hexdigest()
 
 
@@ -95,9 +130,9 @@ def cache_dir() -> Path:
 
 def _spec(name: str) -> CorpusFiles:
     try:
-        return CORPORA[name]
+        return (CORPORA | DATASETS)[name]
     except KeyError:
-        raise DataError(f"unknown dataset {name!r}; expected one of {sorted(CORPORA)}") from None
+        raise DataError(f"unknown dataset {name!r}; expected one of {sorted(CORPORA | DATASETS)}") from None
 
 
 def _find(spec: CorpusFiles, roots: list) -> Optional[Path]:
@@ -120,16 +155,24 @@ def verify(folder: Path, spec: CorpusFiles) -> None:
             )
 
 
+def _has_checksum(path: Path, expected: str) -> bool:
+    try:
+        return sha256(path) == expected
+    except DataError:  # a damaged gzip file
+        return False
+
+
 def download(name: str, root: Optional[Path] = None) -> Path:
-    """Fetch the files of corpus ``name`` into ``root/<folder>`` (default: the cache), verified."""
+    """Fetch the files of data set ``name`` into ``root/<folder>`` (default: the cache), verified."""
     spec = _spec(name)
     folder = (root or cache_dir()) / spec.folder
     folder.mkdir(parents=True, exist_ok=True)
     for file, url in spec.urls.items():
         target = folder / file
-        if target.is_file() and sha256(target) == spec.sha256[file]:
+        if target.is_file() and _has_checksum(target, spec.sha256[file]):
             continue
-        with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
+        # the file's suffix, so that its checksum is taken as the final name's (.gz: its content)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=Path(file).suffix, delete=False) as tmp:
             try:
                 with urllib.request.urlopen(url, timeout=60) as response:
                     for block in iter(lambda: response.read(1 << 20), b""):
@@ -137,7 +180,7 @@ def download(name: str, root: Optional[Path] = None) -> Path:
             except OSError as err:
                 os.unlink(tmp.name)
                 raise DataError(f"could not download {url}: {err}") from err
-        if sha256(Path(tmp.name)) != spec.sha256[file]:
+        if not _has_checksum(Path(tmp.name), spec.sha256[file]):
             os.unlink(tmp.name)
             raise DataError(f"the download of {url} does not have the expected checksum")
         os.replace(tmp.name, target)  # only a verified file ever takes the final name
@@ -145,7 +188,7 @@ def download(name: str, root: Optional[Path] = None) -> Path:
 
 
 def locate(name: str, data_dir=None, download_missing: bool = False) -> Path:
-    """The verified folder holding corpus ``name``; see the module docstring for where it looks."""
+    """The verified folder holding data set ``name``; see the module docstring for where it looks."""
     spec = _spec(name)
     given = data_dir or os.environ.get("EGRU_DATA_DIR")
     if given is not None and not Path(given).is_dir():
@@ -184,3 +227,33 @@ def load_corpus(name: str, data_dir=None, download_missing: bool = False) -> Cor
         words = tokenize(folder / spec.files[split])
         ids[split] = torch.tensor([index.setdefault(w, len(index)) for w in words], dtype=torch.long)
     return Corpus(name, list(index), ids["train"], ids["valid"], ids["test"])
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """The unsigned bytes of a gzipped IDX file (MNIST's format), in the shape its header gives."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":  # magic: two zero bytes, type 8 (unsigned byte)
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+    header = 4 + 4 * raw[3]  # then one big-endian 32-bit size per dimension
+    shape = tuple(int.from_bytes(raw[i:i + 4], "big") for i in range(4, header, 4))
+    if len(raw) != header + int(np.prod(shape)):
+        raise DataError(f"{path} holds {len(raw) - header} bytes of data where its header says {shape}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_mnist(data_dir=None, download_missing: bool = False) -> dict:
+    """MNIST's splits, ``{"train": (images, labels), "test": (images, labels)}``: images uint8
+    (N, 28, 28), labels int64 (N,) in 0..9; 60,000 and 10,000 of them. The four IDX files are
+    read from ``<data_dir>/mnist/`` (or the data directory itself; see the module docstring)."""
+    folder = locate("mnist", data_dir, download_missing)
+    splits = {}
+    for split in ("train", "test"):
+        images, labels = (read_idx(folder / MNIST_FILES[split, part]) for part in ("images", "labels"))
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+            raise DataError(f"MNIST's {split} files in {folder} hold images of shape {images.shape} "
+                            f"and labels of shape {labels.shape}; expected (N, 28, 28) and (N,)")
+        if labels.size and labels.max() > 9:
+            raise DataError(f"MNIST's {split} labels in {folder} go up to {labels.max()}; expected 0..9")
+        splits[split] = (torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
+    return splits

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from . import functional
 from .modules import EGRUCell
+from .state import EGRUState
 
 WEIGHTS = ("weight_ih", "weight_hh")
 
@@ -158,6 +159,36 @@ class RTRL:
         self._dy_dchat, self._dc_dchat = zeros(B, H), zeros(B, H)  # so every slope starts at 0
         self._dy_dthreshold, self._dc_dthreshold = zeros(B, H), zeros(B, H)
         self._influence = zeros(B, H, self.num_columns)
+
+    # What the learner carries from one step to the next (after reset)
+    _CARRIED = ("_y", "_c", "_dy_dchat", "_dc_dchat", "_dy_dthreshold", "_dc_dthreshold", "_influence")
+
+    @property
+    def state(self):
+        """The cell's state ``(y, c)`` now, each (B, H)."""
+        if self._influence is None:
+            raise RuntimeError("call reset(batch_size) first")
+        return EGRUState(self._y, self._c)
+
+    def state_dict(self) -> dict:
+        """What the learner carries between steps (state, slopes and influence), copied: a
+        checkpoint taken inside a sequence continues from it exactly."""
+        if self._influence is None:
+            raise RuntimeError("call reset(batch_size) first")
+        return {name.lstrip("_"): getattr(self, name).clone() for name in self._CARRIED}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` of a learner of the same cell and columns."""
+        names = {name.lstrip("_") for name in self._CARRIED}
+        if set(state) != names:
+            raise ValueError(f"expected the keys {sorted(names)}, got {sorted(state)}")
+        ref = self.cell.threshold
+        influence = state["influence"]
+        if influence.dim() != 3 or influence.shape[1:] != (self.hidden_size, self.num_columns):
+            raise ValueError(f"influence of shape (B, {self.hidden_size}, {self.num_columns}) expected, "
+                             f"got {tuple(influence.shape)}: a learner of another cell or pruning")
+        for name in self._CARRIED:
+            setattr(self, name, state[name.lstrip("_")].to(device=ref.device, dtype=ref.dtype, copy=True))
 
     def influence_bytes(self) -> int:
         """Bytes of the influence matrix held (0 before :meth:`reset`)."""

@@ -17,6 +17,10 @@ A task has:
 * ``batch(step) -> Batch``: this process's part of the step's batch;
 * ``loss(net, batch, record) -> (loss, per-layer LayerStats or None)``; ``train_metrics(loss)``:
   what else a training loss says (say, perplexity);
+* optionally ``loss_fills_gradients = True``: its ``loss`` leaves the step's gradients in the
+  parameters' ``.grad`` itself (say, by real-time recurrent learning), and the loss it returns
+  is only logged (default False: the harness backpropagates it). The harness zeroes the
+  gradients before every ``loss`` call;
 * ``evaluate(model, split, progress, stop) -> dict | None`` (None: ``stop()`` turned true) with
   ``"loss"`` and ``"layers"``; ``score(result)``: lower is better;
 * ``checkpoint_state()`` (every process calls it) and ``model_from_checkpoint(ckpt)``;
@@ -399,9 +403,10 @@ class Trainer:
             group["lr"] = lr * numerator / denominator
         record = self.logged(position.step + 1)  # activity is recorded at the steps that log it
         start = time.perf_counter()
-        loss, stats = task.loss(self.net, batch, record)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, stats = task.loss(self.net, batch, record)
+        if not getattr(task, "loss_fills_gradients", False):
+            loss.backward()
         if cfg.clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
         self.optimizer.step()
