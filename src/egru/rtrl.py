@@ -246,7 +246,9 @@ class RTRL:
         # each sample's units of G first (padded with other units to the batch's largest set)
         units = in_g.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
         real = torch.arange(width, device=M.device) < sizes.unsqueeze(1)  # (B, width)
-        dy_rows = M.gather(1, units.unsqueeze(2).expand(B, width, P)) \
+        rows = (torch.arange(B, device=M.device).unsqueeze(1) * H + units).flatten()
+        # whole rows copied (an index per row, not per entry as gather would read)
+        dy_rows = M.view(B * H, P).index_select(0, rows).view(B, width, P) \
             * self._dy_dchat.gather(1, units).unsqueeze(2)
         self._add_threshold_term(dy_rows, units, self._dy_dthreshold.gather(1, units))
         # Jacobian ∂ĉ_i/∂y_j = Σ_gates d_gh[gate, i]·W_h,gate[i, j], on the columns j in G only
