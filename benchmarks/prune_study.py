@@ -28,6 +28,9 @@ SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95)
 # The budget per corpus: two epochs of PTB; the first 600 steps (0.32 of an epoch) of WikiText-2,
 # whose steps cost three times PTB's (its 33,278-word decoder).
 LENGTH = {"ptb": ["--epochs", "2"], "wikitext2": ["--epochs", "1", "--max-steps", "600"]}
+# --full: the presets' own ten epochs on both corpora (about 40 minutes per PTB run alone, many
+# hours per WikiText-2 run on two cores), the PTB schedule on both
+FULL_LENGTH = {"ptb": [], "wikitext2": []}
 # Pruning (fractions of the epochs' steps): on PTB it starts after a tenth of training and
 # reaches its target at 60 %, so that the last 40 % (the cosine decay included) trains the
 # final connectivity; on WikiText-2 the same within the 600 steps run (at 2 % and 20 % of the
@@ -37,14 +40,15 @@ SCHEDULE = {"ptb": ["--prune-start", "0.1", "--prune-end", "0.6", "--prune-every
 WIDE_HIDDEN = 600  # the EGRU whose training takes the GRU's wall time (first layer's units)
 
 
-def runs() -> dict:
-    """Run name → the arguments of its ``egru train lm`` command."""
+def runs(full: bool = False) -> dict:
+    """Run name → the arguments of its ``egru train lm`` command (``full``: the presets' length)."""
     grid = {}
 
     def add(name, dataset, model, sparsity, *extra):
-        args = ["--preset", "cpu-small", "--model", model, "--dataset", dataset, *LENGTH[dataset], *extra]
+        length = FULL_LENGTH if full else LENGTH
+        args = ["--preset", "cpu-small", "--model", model, "--dataset", dataset, *length[dataset], *extra]
         if sparsity:
-            args += ["--prune-to", str(sparsity), *SCHEDULE[dataset]]
+            args += ["--prune-to", str(sparsity), *SCHEDULE["ptb" if full else dataset]]
         grid[name] = args
 
     for sparsity in SPARSITIES:
@@ -97,8 +101,8 @@ def measure(run_dir: Path) -> dict:
     }
 
 
-def report(root: Path, plot) -> None:
-    rows = {name: measure(root / name) for name in runs() if (root / name / "results.json").exists()}
+def report(root: Path, plot, full: bool = False) -> None:
+    rows = {name: measure(root / name) for name in runs(full) if (root / name / "results.json").exists()}
     print("| run | pruned | test ppl | valid ppl | activity sparsity per layer | weight density per layer "
           "| effective MACs/token vs dense GRU | train tokens/s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -146,12 +150,15 @@ def draw(rows: dict, path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("run", "report", "commands"))
-    parser.add_argument("--root", type=Path, default=Path("runs/prune-study"), help="folder of the runs")
+    parser.add_argument("--full", action="store_true", help="the presets' ten epochs (default: the short study)")
+    parser.add_argument("--root", type=Path, help="folder of the runs (default: runs/prune-study, "
+                                                  "runs/prune-study-full with --full)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (one thread each)")
     parser.add_argument("--only", nargs="*", help="run names to train (default: all of them)")
     parser.add_argument("--plot", help="where report draws the figure (PNG)")
     args = parser.parse_args(argv)
-    grid = {name: a for name, a in runs().items() if not args.only or name in args.only}
+    args.root = args.root or Path("runs/prune-study-full" if args.full else "runs/prune-study")
+    grid = {name: a for name, a in runs(args.full).items() if not args.only or name in args.only}
     if args.action == "commands":
         for name, a in grid.items():
             print(" ".join(command(name, a, args.root)))
@@ -160,7 +167,7 @@ def main(argv=None) -> None:
             for line in pool.map(lambda item: train(*item, args.root), grid.items()):
                 print(line, flush=True)
     else:
-        report(args.root, args.plot)
+        report(args.root, args.plot, args.full)
 
 
 if __name__ == "__main__":

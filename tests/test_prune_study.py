@@ -79,3 +79,9 @@ def test_report_prints_the_table_and_draws_the_plot(study, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| ptb-gru-p00 | 0% | 118.0 | 120.0 | 0.0% / 0.0% | 100.0% / 100.0% | 1.000 (1/1) |" in table
     assert (tmp_path / "study.png").stat().st_size > 0
+
+
+def test_full_study_runs_the_presets_length(study, tmp_path):
+    for name, args in study.runs(full=True).items():
+        cfg = config_of(study, name, args, tmp_path)
+        assert (cfg.epochs, cfg.max_steps) == (lm.preset("cpu-small", cfg.model).epochs, None)
