@@ -110,7 +110,7 @@ def report(root: Path, plot, full: bool = False) -> None:
         print(f"| {name} | {m['prune_to']:.0%} | {m['test']:.1f} | {m['valid']:.1f} | "
               f"{' / '.join(f'{1 - a:.1%}' for a in m['activity'])} | "
               f"{' / '.join(f'{d:.1%}' for d in m['weight_density'])} | {m['macs']:.3f} "
-              f"(1/{1 / m['macs']:.0f}) | {m['tokens_per_second']:,.0f} |")
+              f"(1/{1 / m['macs']:.{0 if m['macs'] < 0.1 else 1}f}) | {m['tokens_per_second']:,.0f} |")
     if plot:
         draw(rows, plot)
 

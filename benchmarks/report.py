@@ -233,7 +233,7 @@ def weight_sparsity(doc: Path) -> str:
         for r in egrus:
             fwd, step = speed.ratios(r, gru)
             density = r["weight_density"]
-            name = "EGRU, unpruned" if density == 1.0 else f"EGRU, weights {density:.0%}"
+            name = "EGRU, unpruned" if density == 1.0 else f"EGRU, weights {density * 100:g} %"
             stored = r.get("compressed_weight_fraction")
             lines.append(f"| {B} | {name} | {r['activity']:.3f} | {r['forward_s'] * 1e3:.1f} | {fwd:.2f} | "
                          f"{r['forward_backward_s'] * 1e3:.1f} | {step:.2f} | "

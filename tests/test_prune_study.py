@@ -77,7 +77,7 @@ def test_report_prints_the_table_and_draws_the_plot(study, tmp_path, capsys):
         "train_tokens_per_second": 1000.0, "train_seconds": 10.0}))
     study.report(tmp_path, tmp_path / "study.png")
     table = capsys.readouterr().out
-    assert "| ptb-gru-p00 | 0% | 118.0 | 120.0 | 0.0% / 0.0% | 100.0% / 100.0% | 1.000 (1/1) |" in table
+    assert "| ptb-gru-p00 | 0% | 118.0 | 120.0 | 0.0% / 0.0% | 100.0% / 100.0% | 1.000 (1/1.0) |" in table
     assert (tmp_path / "study.png").stat().st_size > 0
 
 
