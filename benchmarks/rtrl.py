@@ -56,10 +56,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
+
+import sys
+from pathlib import Path
 
 import torch
 
@@ -67,6 +68,9 @@ import egru
 from egru import functional
 from egru.rtrl import RTRL
 from egru.state import EGRUState
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import machine  # noqa: E402  (benchmarks/speed.py: the machine a result was measured on)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LEARNERS = ("rtrl-sparse", "rtrl-dense")
@@ -428,17 +432,6 @@ def markdown_tables(data) -> str:
                          f"| {_mib(dn, 'peak_bytes')} | {_mib(dn, 'held_bytes')} | {_mib(bp, 'peak_bytes')} "
                          f"| {_mib(bp, 'held_bytes')} | {ratio} |")
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
 def main(argv=None) -> None:

@@ -3,7 +3,6 @@ command with the settings the study means, and its report reads a run's results.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,11 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("prune_study", ROOT / "benchmarks" / "prune_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(load_benchmark):
+    return load_benchmark("prune_study")
 
 
 def config_of(study, name, args, root):
@@ -44,20 +40,29 @@ def test_commands_parse_into_the_study_configs(study, tmp_path):
     assert [(c.model, c.hidden_size, c.prune_to) for c in wide] == [("egru", study.WIDE_HIDDEN, 0.0)]
 
 
+def write_run(root, name, model, prune_to, layers, test_perplexity):
+    """A finished run's results.json as the harness writes it (the fields the report reads)."""
+    config = {"model": model, "hidden_size": 400, "embedding_size": 200, "num_layers": 2, "prune_to": prune_to}
+    run = root / name
+    run.mkdir()
+    run.joinpath("results.json").write_text(json.dumps({
+        "config": config, "valid": {"perplexity": 120.0},
+        "test": {"perplexity": test_perplexity, "layers": layers},
+        "train_tokens_per_second": 1000.0, "train_seconds": 10.0}))
+    return run
+
+
+def layer(activity, macs, density_ih, density_hh):
+    return {"activity": activity, "effective_macs_per_token": macs, "weight_density_ih": density_ih,
+            "weight_density_hh": density_hh}
+
+
 def test_report_reads_a_run(study, tmp_path):
     """Effective MACs relative to the unpruned GRU's dense count, weight density per layer
     weighted by the two matrices' sizes."""
-    layer = {"activity": 0.1, "effective_macs_per_token": 0.0, "weight_density_ih": 0.2,
-             "weight_density_hh": 0.1}
-    layers = {"layer0": {**layer, "effective_macs_per_token": 54_000.0},  # E=200 → H=400
-              "layer1": {**layer, "effective_macs_per_token": 0.0}}
-    config = {"model": "egru", "hidden_size": 400, "embedding_size": 200, "num_layers": 2, "prune_to": 0.9}
-    run = tmp_path / "ptb-egru-p90"
-    run.mkdir()
-    run.joinpath("results.json").write_text(json.dumps({
-        "config": config, "valid": {"perplexity": 120.0}, "test": {"perplexity": 110.0, "layers": layers},
-        "train_tokens_per_second": 1000.0, "train_seconds": 10.0}))
-    m = study.measure(run)
+    layers = {"layer0": layer(0.1, 54_000.0, 0.2, 0.1),  # E=200 → H=400
+              "layer1": layer(0.1, 0.0, 0.2, 0.1)}
+    m = study.measure(write_run(tmp_path, "ptb-egru-p90", "egru", 0.9, layers, 110.0))
     # dense GRU: 3·(200·400 + 400·400) + 3·(400·200 + 200·200) = 1,080,000 MACs per token
     assert m["macs"] == pytest.approx(54_000 / 1_080_000)
     assert m["weight_density"][0] == pytest.approx((0.2 * 200 + 0.1 * 400) / 600)
@@ -66,15 +71,8 @@ def test_report_reads_a_run(study, tmp_path):
 
 
 def test_report_prints_the_table_and_draws_the_plot(study, tmp_path, capsys):
-    layers = {f"layer{i}": {"activity": a, "effective_macs_per_token": m, "weight_density_ih": d,
-                            "weight_density_hh": d} for i, (a, m, d) in enumerate(((1.0, 720_000.0, 1.0),
-                                                                                    (1.0, 360_000.0, 1.0)))}
-    config = {"model": "gru", "hidden_size": 400, "embedding_size": 200, "num_layers": 2, "prune_to": 0.0}
-    run = tmp_path / "ptb-gru-p00"
-    run.mkdir()
-    run.joinpath("results.json").write_text(json.dumps({
-        "config": config, "valid": {"perplexity": 120.0}, "test": {"perplexity": 118.0, "layers": layers},
-        "train_tokens_per_second": 1000.0, "train_seconds": 10.0}))
+    layers = {"layer0": layer(1.0, 720_000.0, 1.0, 1.0), "layer1": layer(1.0, 360_000.0, 1.0, 1.0)}
+    write_run(tmp_path, "ptb-gru-p00", "gru", 0.0, layers, 118.0)
     study.report(tmp_path, tmp_path / "study.png")
     table = capsys.readouterr().out
     assert "| ptb-gru-p00 | 0% | 118.0 | 120.0 | 0.0% / 0.0% | 100.0% / 100.0% | 1.000 (1/1.0) |" in table
