@@ -272,3 +272,18 @@ def test_state_dict_continues_exactly_and_refuses_another_learner():
     other.reset(2)
     with pytest.raises(ValueError, match="influence of shape"):
         other.load_state_dict(first.state_dict())
+
+
+def test_batch_size_of_any_integer_type_and_a_frozen_threshold_not_trained():
+    import numpy as np
+
+    cell = egru.EGRUCell(2, 3, dtype=torch.float64)
+    learner = RTRL(cell)
+    for size in (np.int64(2), torch.tensor(2)):
+        learner.reset(size)
+        assert learner.state.y.shape == (2, 3)
+    with pytest.raises(ValueError, match="positive integer"):
+        learner.reset(2.0)
+    cell.threshold.requires_grad_(False)
+    with pytest.raises(ValueError, match="does not require a gradient"):
+        RTRL(cell, train_threshold=True)

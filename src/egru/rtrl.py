@@ -51,6 +51,8 @@ nonzero input, every bias column, a bias being a weight on the constant input 1)
 
 from __future__ import annotations
 
+import operator
+
 from typing import NamedTuple
 
 import torch
@@ -93,6 +95,8 @@ class RTRL:
         self.hidden_size, self.input_size = cell.hidden_size, cell.input_size
         if train_threshold is None:
             train_threshold = cell.threshold.requires_grad
+        elif train_threshold and not cell.threshold.requires_grad:
+            raise ValueError("train_threshold=True but the cell's threshold does not require a gradient")
         self.weights, self.masks, self.blocks, offset = {}, {}, [], 0
         H = self.hidden_size
         for name, pre, source in (("weight_ih", "gi", "x"), ("weight_hh", "gh", "y")):
@@ -146,8 +150,13 @@ class RTRL:
 
     def reset(self, batch_size: int) -> None:
         """Zero state ``(y, c)`` and influence for ``batch_size`` new sequences."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        try:  # ints, numpy and torch integers; not floats or bools
+            size = operator.index(batch_size)
+        except TypeError:
+            size = None
+        if isinstance(batch_size, bool) or size is None or size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = size
         for name in WEIGHTS:  # the columns were chosen by the pruning masks at construction
             now, then = getattr(self.cell, name + "_mask", None), self.masks[name]
             if now is not None and (then is None or not torch.equal(now.to(then.dtype), then)):
