@@ -326,10 +326,8 @@ class Runtime:
         m = mask.detach().t()
         if m.dtype != dtype:  # (bool or integer masks: in the weight's type, as compiled)
             m = (m != 0).to(dtype)
-        m = m.contiguous().numpy()
-        start, idx, _ = self.call(self._kernels._nonzeros_by_row, m.dtype, m,
-                                  np.ones(m.shape[0], np.bool_))
-        return start, idx.astype(self._kernels.index_type(m.shape[1]))
+        rows, _ = self._nonzero_rows(m.contiguous().numpy())
+        return rows.start, rows.idx
 
     @contextlib.contextmanager
     def threads(self, key, units: float, mode: str):
