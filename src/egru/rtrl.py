@@ -63,6 +63,7 @@ from .modules import EGRUCell
 from .state import EGRUState
 
 WEIGHTS = ("weight_ih", "weight_hh")
+COLUMN_BLOCK = 2 ** 18  # entries of M (over the batch) updated together: about 1 MB in float32
 
 
 class _Block(NamedTuple):
@@ -77,6 +78,8 @@ class _Block(NamedTuple):
     source: str | None  # the entry's input: "x", "y" (y_{t-1}), "1" (bias)
     source_index: torch.Tensor | None  # (n,) which input feature / unit
     mask: torch.Tensor | None  # (numel,) 0/1 pruning mask to apply to the gradient
+    position: torch.Tensor | None = None  # (n,) the entry's immediate place in one sample's M, flat
+    per_source: torch.Tensor | None = None  # (inputs,) how many entries each input feeds
 
 
 class RTRL:
@@ -125,7 +128,14 @@ class RTRL:
                                       gate_row=None, source=None, source_index=None, mask=None))
             offset += H
         self.num_columns, self.macs = offset, 0
+        # M̄ puts each entry's immediate term in one row, its unit's: a fixed place in (H × P)
+        self.blocks = [block._replace(
+            position=block.unit * offset + block.offset + torch.arange(len(block.entries), device=block.unit.device),
+            per_source=None if block.source_index is None else torch.bincount(
+                block.source_index, minlength=self.input_size if block.source == "x" else H))
+            for block in self.blocks]
         self._influence = None  # M_t, (B, H, P); None until reset
+        self._buffer = None  # for the rows of G, see _rows_buffer
 
     def _weight_and_mask(self, name: str, given: torch.Tensor | None):
         """The parameter that gets the gradient, and the 0/1 mask (or None) of weight ``name``."""
@@ -168,6 +178,7 @@ class RTRL:
         self._dy_dchat, self._dc_dchat = zeros(B, H), zeros(B, H)  # so every slope starts at 0
         self._dy_dthreshold, self._dc_dthreshold = zeros(B, H), zeros(B, H)
         self._influence = zeros(B, H, self.num_columns)
+        self._buffer = None  # for the rows of G, see _rows_buffer
 
     # What the learner carries from one step to the next (after reset)
     _CARRIED = ("_y", "_c", "_dy_dchat", "_dc_dchat", "_dy_dthreshold", "_dc_dthreshold", "_influence")
@@ -198,6 +209,7 @@ class RTRL:
                              f"got {tuple(influence.shape)}: a learner of another cell or pruning")
         for name in self._CARRIED:
             setattr(self, name, state[name.lstrip("_")].to(device=ref.device, dtype=ref.dtype, copy=True))
+        self._buffer = None
 
     def influence_bytes(self) -> int:
         """Bytes of the influence matrix held (0 before :meth:`reset`)."""
@@ -257,51 +269,77 @@ class RTRL:
         real = torch.arange(width, device=M.device) < sizes.unsqueeze(1)  # (B, width)
         rows = (torch.arange(B, device=M.device).unsqueeze(1) * H + units).flatten()
         # whole rows copied (an index per row, not per entry as gather would read)
-        dy_rows = M.view(B * H, P).index_select(0, rows).view(B, width, P) \
-            * self._dy_dchat.gather(1, units).unsqueeze(2)
+        dy_rows = self._rows_buffer(B * width * P).view(B, width, P)
+        torch.index_select(M.view(B * H, P), 0, rows, out=dy_rows.view(B * width, P))
+        dy_rows.mul_(self._dy_dchat.gather(1, units).unsqueeze(2))
         self._add_threshold_term(dy_rows, units, self._dy_dthreshold.gather(1, units))
         # Jacobian ∂ĉ_i/∂y_j = Σ_gates d_gh[gate, i]·W_h,gate[i, j], on the columns j in G only
         w_cols = weight_hh.reshape(3, H, H)[:, :, units]  # (3, H, B, width)
         jacobian = torch.einsum("bgi,gibk->bik", d_gh.view(B, 3, H), w_cols) * real.unsqueeze(1)
         # M_{t-1} becomes M_t in place (the rows of G were copied out above): no B × H × P
-        # tensor is allocated per step. ĉ_t depends on its own c_{t-1} through z:
-        M.mul_((z * self._dc_dchat).unsqueeze(2))
+        # tensor is allocated per step. ĉ_t depends on its own c_{t-1} through z. A block of
+        # columns at a time, so that the block is still in cache when the product adds to it:
+        scale = (z * self._dc_dchat).unsqueeze(2)
+        columns = max(256, COLUMN_BLOCK // (B * H))
+        for start in range(0, P, columns):
+            block = M[:, :, start:start + columns]
+            block.mul_(scale).baddbmm_(jacobian, dy_rows[:, :, start:start + columns])
         all_units = torch.arange(H, device=M.device).expand(B, H)
         self._add_threshold_term(M, all_units, z * self._dc_dthreshold)
         g = int(sizes.sum())
         self.macs += g * P + 3 * H * g + H * g * P + B * H * P
-        return M.baddbmm_(jacobian, dy_rows)
+        return M
+
+    def _rows_buffer(self, numel: int) -> torch.Tensor:
+        """Room for ``numel`` numbers, kept from step to step: a fresh allocation of this size
+        every step costs more than the copy into it (new pages from the system each time)."""
+        if self._buffer is None or self._buffer.numel() < numel:
+            self._buffer = self._influence.new_empty(numel)
+        return self._buffer[:numel]
 
     def _add_threshold_term(self, influence, units, values) -> None:
-        """Add ``values`` (B, k) into the threshold column of ``units`` (B, k), row by row."""
+        """Add ``values`` (B, R) into the threshold column of ``units`` (B, R), in row r of
+        ``influence`` (B, R, P), for each r."""
         if self.threshold_offset is not None:
-            start = self.threshold_offset
-            influence[:, :, start:start + self.hidden_size].scatter_add_(
-                2, units.unsqueeze(2), values.unsqueeze(2))
+            B, R, P = influence.shape
+            row_starts = torch.arange(B * R, device=units.device).view(B, R) * P
+            influence.view(-1).index_add_(0, (row_starts + self.threshold_offset + units).flatten(),
+                                          values.flatten())
 
     def _add_immediate(self, influence, d_pre, inputs) -> None:
         """Add ``M̄_t``: entry (unit i, weight (ρ, p)) is ``∂ĉ_i/∂pre-activation_ρ · input_p``."""
+        B = influence.shape[0]
+        flat = influence.view(B, -1)
         for block in self.blocks:
             if block.pre is None:  # ϑ acts only through y_{t-1}, c_{t-1}: in _carry_over
                 continue
             derivative = d_pre[block.pre]
             if block.source == "1":
-                values = derivative.new_ones(derivative.shape[0], len(block.entries))
+                flat.index_add_(1, block.position, derivative[:, block.gate_row])
+                self.macs += B * len(block.entries)
+                continue
+            source = inputs[block.source]
+            if self.sparse:  # the entries whose input is nonzero in some sample of the batch
+                nonzero = source != 0
+                k = nonzero.any(0)[block.source_index].nonzero().squeeze(1)
+                self.macs += int((nonzero.sum(0) * block.per_source).sum())  # each sample's own
             else:
-                values = inputs[block.source][:, block.source_index]  # (B, n)
-            formed = values != 0 if self.sparse else torch.ones_like(values, dtype=torch.bool)
-            sample, k = formed.nonzero(as_tuple=True)
-            influence.index_put_(
-                (sample, block.unit[k], block.offset + k),
-                derivative[sample, block.gate_row[k]] * values[sample, k], accumulate=True)
-            self.macs += len(sample)
+                k = torch.arange(len(block.entries), device=source.device)
+                self.macs += B * len(block.entries)
+            values = derivative[:, block.gate_row[k]] * source[:, block.source_index[k]]
+            flat.index_add_(1, block.position[k], values)
 
     def accumulate(self, grad_y: torch.Tensor) -> None:
         """Add ``∂L_t/∂θ``, summed over the batch, into the parameters' ``.grad``, given
         ``grad_y = ∂L_t/∂y_t`` (B, H) for the latest step."""
         self._check("grad_y", grad_y, self.hidden_size)
         with torch.no_grad():
-            columns = torch.einsum("bh,bhp->p", grad_y * self._dy_dchat, self._influence)
+            weights = grad_y * self._dy_dchat  # zero outside G_t: those rows of M are not read
+            M = self._influence
+            if self.sparse:
+                units = (weights != 0).any(0).nonzero().squeeze(1)
+                weights, M = weights[:, units], M.index_select(1, units)
+            columns = torch.einsum("bh,bhp->p", weights, M)
             if self.threshold_offset is not None:
                 start = self.threshold_offset
                 columns[start:start + self.hidden_size] += (grad_y * self._dy_dthreshold).sum(0)
