@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from egru.sparsity import dense_macs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import studies  # noqa: E402  (benchmarks/studies.py: how a study's runs are trained)
+
+RECIPE = "lm"
 
 SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95)
 # The budget per corpus: two epochs of PTB; the first 600 steps (0.32 of an epoch) of WikiText-2,
@@ -62,21 +64,7 @@ def runs(full: bool = False) -> dict:
 
 
 def command(name: str, args: list, root: Path) -> list:
-    return ["egru", "train", "lm", *args, "--run-dir", str(root / name), "--no-progress"]
-
-
-def train(name: str, args: list, root: Path) -> str:
-    run_dir = root / name
-    if (run_dir / "results.json").exists():
-        return f"{name}: done before"
-    cmd = command(name, args, root)
-    if (run_dir / "last.pt").exists():
-        cmd.append("--resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
-    with open(run_dir / "log.txt", "a") as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return f"{name}: {'finished' if code == 0 else f'failed ({code}), see {run_dir}/log.txt'}"
+    return studies.command(RECIPE, name, args, root)
 
 
 def measure(run_dir: Path) -> dict:
@@ -160,12 +148,9 @@ def main(argv=None) -> None:
     args.root = args.root or Path("runs/prune-study-full" if args.full else "runs/prune-study")
     grid = {name: a for name, a in runs(args.full).items() if not args.only or name in args.only}
     if args.action == "commands":
-        for name, a in grid.items():
-            print(" ".join(command(name, a, args.root)))
+        studies.print_commands(RECIPE, grid, args.root)
     elif args.action == "run":
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for line in pool.map(lambda item: train(*item, args.root), grid.items()):
-                print(line, flush=True)
+        studies.train_all(RECIPE, grid, args.root, args.jobs)
     else:
         report(args.root, args.plot, args.full)
 

@@ -1,0 +1,125 @@
+"""Online learning: RTRL against BPTT on the same budget, the study of docs/rtrl.md.
+
+One EGRU cell (32 units) and a linear readout trained by exact sparse RTRL (``egru.rtrl``) and
+by BPTT, from the same initial weights on the same examples in the same order: row-by-row MNIST
+for one epoch (60,000 images, 28 steps of 28 pixels), and the delay task (a cue, 20 blank steps,
+then the answer) for the recipe's ten epochs. Every run is an ordinary ``egru train online``
+command (printed with ``commands``); ``run`` trains the missing ones, ``--jobs`` at a time with
+one thread each, resuming interrupted ones; ``report`` prints the table and draws the training
+loss of both learnings against the examples seen.
+
+    export EGRU_DATA_DIR=../shared/data
+    python benchmarks/online_study.py run --jobs 2
+    python benchmarks/online_study.py report --plot docs/online-study.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import studies  # noqa: E402  (benchmarks/studies.py: how a study's runs are trained)
+
+RECIPE = "online"
+LEARNINGS = ("rtrl", "bptt")
+TASKS = {  # the arguments of each task's runs, both learnings
+    "rowmnist": ["--task", "rowmnist", "--epochs", "1", "--log-every", "50"],
+    # the recipe's default learning rate (3e-3) does not learn a delay of 20 in ten epochs
+    "delay": ["--task", "delay", "--delay", "20", "--lr", "0.01", "--log-every", "20"],
+}
+
+
+def runs() -> dict:
+    """Run name (``<task>-<learning>``) → the arguments of its ``egru train online`` command."""
+    return {f"{task}-{learning}": [*args, "--learning", learning]
+            for task, args in TASKS.items() for learning in LEARNINGS}
+
+
+def training_losses(run_dir: Path) -> list:
+    """(examples seen, training loss) at each logged step of a run."""
+    batch = json.loads((run_dir / "results.json").read_text())["config"]["batch_size"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"] * batch, r["loss"]) for r in records if r.get("split") == "train"]
+
+
+def measure(run_dir: Path) -> dict:
+    """What the table shows of one finished run."""
+    result = json.loads((run_dir / "results.json").read_text())
+    test, layer = result["test"], result["test"]["layers"]["layer0"]
+    return {"accuracy": test["accuracy"], "loss": test["loss"], "activity": layer["activity"],
+            "backward_activity": layer["backward_activity"],
+            "influence_macs": test.get("influence_macs_per_token"),
+            "tokens_per_second": result["train_tokens_per_second"], "seconds": result["train_seconds"],
+            "losses": training_losses(run_dir)}
+
+
+def largest_difference(a: list, b: list) -> float | None:
+    """The largest gap between two runs' training losses at the steps both logged."""
+    common = dict(a).keys() & dict(b).keys()
+    return max((abs(dict(a)[k] - dict(b)[k]) for k in common), default=None)
+
+
+def report(root: Path, plot) -> dict:
+    rows = {name: measure(root / name) for name in runs() if (root / name / "results.json").exists()}
+    print("| task | learning | test accuracy | test loss | activity sparsity | backward sparsity "
+          "| RTRL influence MACs/token | train tokens/s | train time | largest training-loss gap RTRL–BPTT |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, m in rows.items():
+        task, learning = name.rsplit("-", 1)
+        other = rows.get(f"{task}-{'bptt' if learning == 'rtrl' else 'rtrl'}")
+        gap = None if other is None else largest_difference(m["losses"], other["losses"])
+        macs = "" if m["influence_macs"] is None else f"{m['influence_macs']:,.0f}"
+        print(f"| {task} | {learning} | {m['accuracy']:.2%} | {m['loss']:.4f} | {1 - m['activity']:.1%} | "
+              f"{1 - m['backward_activity']:.1%} | {macs} | {m['tokens_per_second']:,.0f} | "
+              f"{m['seconds'] / 60:.1f} min | {'' if gap is None else f'{gap:.2g}'} |")
+    if plot:
+        draw(rows, plot)
+    return rows
+
+
+def draw(rows: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.6))
+    for ax, task in zip(axes, TASKS):
+        for learning, style in (("bptt", dict(lw=3, alpha=0.4)), ("rtrl", dict(lw=1, ls="--"))):
+            m = rows.get(f"{task}-{learning}")
+            if m:
+                ax.plot(*zip(*m["losses"]), label=f"{learning.upper()} (test accuracy {m['accuracy']:.1%})",
+                        **style)
+        ax.set_title(task)
+        ax.set_xlabel("training examples seen")
+        ax.set_ylabel("training loss (logged steps)")
+        if ax.lines:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("run", "report", "commands"))
+    parser.add_argument("--root", type=Path, default=Path("runs/online-study"), help="folder of the runs")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (one thread each)")
+    parser.add_argument("--only", nargs="*", help="run names to train (default: all of them)")
+    parser.add_argument("--plot", help="where report draws the figure (PNG)")
+    args = parser.parse_args(argv)
+    grid = {name: a for name, a in runs().items() if not args.only or name in args.only}
+    if args.action == "commands":
+        studies.print_commands(RECIPE, grid, args.root)
+    elif args.action == "run":
+        studies.train_all(RECIPE, grid, args.root, args.jobs)
+    else:
+        report(args.root, args.plot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

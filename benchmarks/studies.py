@@ -1,0 +1,43 @@
+"""What the studies (``prune_study.py``, ``online_study.py``) share: every run is an ordinary
+``egru train <recipe>`` command in its own folder under the study's root, trained side by side
+on one thread each, and resumed from its ``last.pt`` when it was interrupted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def command(recipe: str, name: str, args: list, root: Path) -> list:
+    """The command line of run ``name``: ``egru train <recipe> <args>`` into ``root/name``."""
+    return ["egru", "train", recipe, *args, "--run-dir", str(root / name), "--no-progress"]
+
+
+def train(recipe: str, name: str, args: list, root: Path) -> str:
+    """Train run ``name`` unless it has finished (resuming it when it has begun); one line on
+    how it went."""
+    run_dir = root / name
+    if (run_dir / "results.json").exists():
+        return f"{name}: done before"
+    cmd = command(recipe, name, args, root)
+    if (run_dir / "last.pt").exists():
+        cmd.append("--resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    with open(run_dir / "log.txt", "a") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return f"{name}: {'finished' if code == 0 else f'failed ({code}), see {run_dir}/log.txt'}"
+
+
+def train_all(recipe: str, grid: dict, root: Path, jobs: int) -> None:
+    """Train every run of ``grid`` (name → arguments), ``jobs`` at a time."""
+    with ThreadPoolExecutor(jobs) as pool:
+        for line in pool.map(lambda item: train(recipe, *item, root), grid.items()):
+            print(line, flush=True)
+
+
+def print_commands(recipe: str, grid: dict, root: Path) -> None:
+    for name, args in grid.items():
+        print(" ".join(command(recipe, name, args, root)))
