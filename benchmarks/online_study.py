@@ -3,7 +3,8 @@
 One EGRU cell (32 units) and a linear readout trained by exact sparse RTRL (``egru.rtrl``) and
 by BPTT, from the same initial weights on the same examples in the same order: row-by-row MNIST
 for one epoch (60,000 images, 28 steps of 28 pixels), and the delay task (a cue, 20 blank steps,
-then the answer) for the recipe's ten epochs. Every run is an ordinary ``egru train online``
+then the answer) for the first 400 steps (3.1 epochs of its 4,096 sequences) of the recipe's
+ten-epoch schedule. Every run is an ordinary ``egru train online``
 command (printed with ``commands``); ``run`` trains the missing ones, ``--jobs`` at a time with
 one thread each, resuming interrupted ones; ``report`` prints the table and draws the training
 loss of both learnings against the examples seen.
@@ -15,7 +16,6 @@ loss of both learnings against the examples seen.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -27,8 +27,9 @@ RECIPE = "online"
 LEARNINGS = ("rtrl", "bptt")
 TASKS = {  # the arguments of each task's runs, both learnings
     "rowmnist": ["--task", "rowmnist", "--epochs", "1", "--log-every", "50"],
-    # the recipe's default learning rate (3e-3) does not learn a delay of 20 in ten epochs
-    "delay": ["--task", "delay", "--delay", "20", "--lr", "0.01", "--log-every", "20"],
+    # The recipe's default learning rate (3e-3) does not learn a delay of 20 in ten epochs; at 1e-2
+    # BPTT has learned it by step 300. (With --epochs 3 the schedule decays sooner and it does not.)
+    "delay": ["--task", "delay", "--delay", "20", "--lr", "0.01", "--max-steps", "400", "--log-every", "20"],
 }
 
 
@@ -99,26 +100,13 @@ def draw(rows: dict, path) -> None:
         if ax.lines:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    studies.save(fig, path)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("run", "report", "commands"))
-    parser.add_argument("--root", type=Path, default=Path("runs/online-study"), help="folder of the runs")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (one thread each)")
-    parser.add_argument("--only", nargs="*", help="run names to train (default: all of them)")
-    parser.add_argument("--plot", help="where report draws the figure (PNG)")
-    args = parser.parse_args(argv)
-    grid = {name: a for name, a in runs().items() if not args.only or name in args.only}
-    if args.action == "commands":
-        studies.print_commands(RECIPE, grid, args.root)
-    elif args.action == "run":
-        studies.train_all(RECIPE, grid, args.root, args.jobs)
-    else:
-        report(args.root, args.plot)
+    args = studies.arguments(__doc__, "folder of the runs (default: runs/online-study)").parse_args(argv)
+    args.root = args.root or Path("runs/online-study")
+    studies.act(args, RECIPE, runs(), lambda: report(args.root, args.plot))
 
 
 if __name__ == "__main__":

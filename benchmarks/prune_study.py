@@ -14,7 +14,6 @@ MACs per token.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -130,29 +129,16 @@ def draw(rows: dict, path) -> None:
     ax.set_ylabel("test perplexity")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    studies.save(fig, path)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("run", "report", "commands"))
+    parser = studies.arguments(__doc__, "folder of the runs (default: runs/prune-study, "
+                                        "runs/prune-study-full with --full)")
     parser.add_argument("--full", action="store_true", help="the presets' ten epochs (default: the short study)")
-    parser.add_argument("--root", type=Path, help="folder of the runs (default: runs/prune-study, "
-                                                  "runs/prune-study-full with --full)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (one thread each)")
-    parser.add_argument("--only", nargs="*", help="run names to train (default: all of them)")
-    parser.add_argument("--plot", help="where report draws the figure (PNG)")
     args = parser.parse_args(argv)
     args.root = args.root or Path("runs/prune-study-full" if args.full else "runs/prune-study")
-    grid = {name: a for name, a in runs(args.full).items() if not args.only or name in args.only}
-    if args.action == "commands":
-        studies.print_commands(RECIPE, grid, args.root)
-    elif args.action == "run":
-        studies.train_all(RECIPE, grid, args.root, args.jobs)
-    else:
-        report(args.root, args.plot, args.full)
+    studies.act(args, RECIPE, runs(args.full), lambda: report(args.root, args.plot, args.full))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ on one thread each, and resumed from its ``last.pt`` when it was interrupted."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,30 @@ def train_all(recipe: str, grid: dict, root: Path, jobs: int) -> None:
             print(line, flush=True)
 
 
-def print_commands(recipe: str, grid: dict, root: Path) -> None:
-    for name, args in grid.items():
-        print(" ".join(command(recipe, name, args, root)))
+def arguments(doc: str, root_help: str) -> argparse.ArgumentParser:
+    """A study's command line: ``commands``, ``run`` or ``report``, and where the runs are."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("action", choices=("run", "report", "commands"))
+    parser.add_argument("--root", type=Path, help=root_help)
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (one thread each)")
+    parser.add_argument("--only", nargs="*", help="run names to train (default: all of them)")
+    parser.add_argument("--plot", help="where report draws the figure (PNG)")
+    return parser
+
+
+def act(args, recipe: str, grid: dict, report) -> None:
+    """Print the commands of, train (``--only`` those named) or report (``report()``) a study."""
+    grid = {name: a for name, a in grid.items() if not args.only or name in args.only}
+    if args.action == "commands":
+        for name, run_args in grid.items():
+            print(" ".join(command(recipe, name, run_args, args.root)))
+    elif args.action == "run":
+        train_all(recipe, grid, args.root, args.jobs)
+    else:
+        report()
+
+
+def save(fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")

@@ -30,7 +30,8 @@ def test_commands_parse_into_the_study_configs(study, tmp_path):
         assert (rtrl.learning, bptt.learning) == ("rtrl", "bptt")
         assert rtrl == online.OnlineConfig(**{**vars(bptt), "learning": "rtrl"})  # nothing else differs
         assert rtrl.task == task and rtrl.update_every is None  # one update per sequence: BPTT's gradient
-    assert (configs["rowmnist-rtrl"].epochs, configs["delay-rtrl"].delay) == (1, 20)
+    assert configs["rowmnist-rtrl"].epochs == 1
+    assert (configs["delay-rtrl"].delay, configs["delay-rtrl"].max_steps) == (20, 400)
 
 
 def write_run(root, name, accuracy, losses, macs=None):

@@ -268,43 +268,39 @@ class RTRL:
         units = in_g.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
         real = torch.arange(width, device=M.device) < sizes.unsqueeze(1)  # (B, width)
         rows = (torch.arange(B, device=M.device).unsqueeze(1) * H + units).flatten()
-        # whole rows copied (an index per row, not per entry as gather would read)
-        dy_rows = self._rows_buffer(B * width * P).view(B, width, P)
-        torch.index_select(M.view(B * H, P), 0, rows, out=dy_rows.view(B * width, P))
-        dy_rows.mul_(self._dy_dchat.gather(1, units).unsqueeze(2))
-        self._add_threshold_term(dy_rows, units, self._dy_dthreshold.gather(1, units))
+        slopes = self._dy_dchat.gather(1, units).unsqueeze(2)  # D^y of those rows
         # Jacobian ∂ĉ_i/∂y_j = Σ_gates d_gh[gate, i]·W_h,gate[i, j], on the columns j in G only
         w_cols = weight_hh.reshape(3, H, H)[:, :, units]  # (3, H, B, width)
         jacobian = torch.einsum("bgi,gibk->bik", d_gh.view(B, 3, H), w_cols) * real.unsqueeze(1)
-        # M_{t-1} becomes M_t in place (the rows of G were copied out above): no B × H × P
-        # tensor is allocated per step. ĉ_t depends on its own c_{t-1} through z. A block of
-        # columns at a time, so that the block is still in cache when the product adds to it:
+        # M_{t-1} becomes M_t in place, a block of columns at a time: G's rows of the block are
+        # copied out (whole rows, an index per row) and scaled by D^y, then the block is scaled
+        # by the own-unit term (ĉ_t depends on its own c_{t-1} through z) and the product added
+        # while it is still in cache. No B × H × P tensor is allocated: the copy holds one block.
         scale = (z * self._dc_dchat).unsqueeze(2)
         columns = max(256, COLUMN_BLOCK // (B * H))
+        flat = M.view(B * H, P)
         for start in range(0, P, columns):
-            block = M[:, :, start:start + columns]
-            block.mul_(scale).baddbmm_(jacobian, dy_rows[:, :, start:start + columns])
-        all_units = torch.arange(H, device=M.device).expand(B, H)
-        self._add_threshold_term(M, all_units, z * self._dc_dthreshold)
+            stop = min(start + columns, P)
+            dy = self._rows_buffer(B * width * (stop - start)).view(B * width, stop - start)
+            torch.index_select(flat[:, start:stop], 0, rows, out=dy)
+            dy = dy.view(B, width, stop - start).mul_(slopes)
+            M[:, :, start:stop].mul_(scale).baddbmm_(jacobian, dy)
+        if self.threshold_offset is not None:  # the ϑ columns' own terms, added to M_t
+            thresholds = M[:, :, self.threshold_offset:self.threshold_offset + H]  # (B, H, H)
+            # ϑ_j moves y_j (j in G) directly, which reaches ĉ_i through the Jacobian
+            thresholds.scatter_add_(2, units.unsqueeze(1).expand(B, H, width),
+                                    jacobian * self._dy_dthreshold.gather(1, units).unsqueeze(1))
+            # ϑ_i moves c_i directly, which reaches ĉ_i through z
+            thresholds.diagonal(dim1=1, dim2=2).add_(z * self._dc_dthreshold)
         g = int(sizes.sum())
         self.macs += g * P + 3 * H * g + H * g * P + B * H * P
         return M
 
     def _rows_buffer(self, numel: int) -> torch.Tensor:
-        """Room for ``numel`` numbers, kept from step to step: a fresh allocation of this size
-        every step costs more than the copy into it (new pages from the system each time)."""
+        """Room for ``numel`` numbers, kept from step to step (at most a block of G's rows)."""
         if self._buffer is None or self._buffer.numel() < numel:
             self._buffer = self._influence.new_empty(numel)
         return self._buffer[:numel]
-
-    def _add_threshold_term(self, influence, units, values) -> None:
-        """Add ``values`` (B, R) into the threshold column of ``units`` (B, R), in row r of
-        ``influence`` (B, R, P), for each r."""
-        if self.threshold_offset is not None:
-            B, R, P = influence.shape
-            row_starts = torch.arange(B * R, device=units.device).view(B, R) * P
-            influence.view(-1).index_add_(0, (row_starts + self.threshold_offset + units).flatten(),
-                                          values.flatten())
 
     def _add_immediate(self, influence, d_pre, inputs) -> None:
         """Add ``M̄_t``: entry (unit i, weight (ρ, p)) is ``∂ĉ_i/∂pre-activation_ρ · input_p``."""
