@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +24,9 @@ def train(recipe: str, name: str, args: list, root: Path) -> str:
     if (run_dir / "results.json").exists():
         return f"{name}: done before"
     cmd = command(recipe, name, args, root)
+    beside = Path(sys.executable).with_name("egru")  # this environment's, activated or not
+    if beside.exists():
+        cmd[0] = str(beside)
     if (run_dir / "last.pt").exists():
         cmd.append("--resume")
     run_dir.mkdir(parents=True, exist_ok=True)

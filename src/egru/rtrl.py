@@ -135,7 +135,7 @@ class RTRL:
                 block.source_index, minlength=self.input_size if block.source == "x" else H))
             for block in self.blocks]
         self._influence = None  # M_t, (B, H, P); None until reset
-        self._buffer = None  # for the rows of G, see _rows_buffer
+        self._rows = None  # room for some rows of a block of M's columns, see _blocks_of_rows
 
     def _weight_and_mask(self, name: str, given: torch.Tensor | None):
         """The parameter that gets the gradient, and the 0/1 mask (or None) of weight ``name``."""
@@ -178,7 +178,7 @@ class RTRL:
         self._dy_dchat, self._dc_dchat = zeros(B, H), zeros(B, H)  # so every slope starts at 0
         self._dy_dthreshold, self._dc_dthreshold = zeros(B, H), zeros(B, H)
         self._influence = zeros(B, H, self.num_columns)
-        self._buffer = None  # for the rows of G, see _rows_buffer
+        self._rows = self._rows_room(B)
 
     # What the learner carries from one step to the next (after reset)
     _CARRIED = ("_y", "_c", "_dy_dchat", "_dc_dchat", "_dy_dthreshold", "_dc_dthreshold", "_influence")
@@ -209,7 +209,7 @@ class RTRL:
                              f"got {tuple(influence.shape)}: a learner of another cell or pruning")
         for name in self._CARRIED:
             setattr(self, name, state[name.lstrip("_")].to(device=ref.device, dtype=ref.dtype, copy=True))
-        self._buffer = None
+        self._rows = self._rows_room(influence.shape[0])
 
     def influence_bytes(self) -> int:
         """Bytes of the influence matrix held (0 before :meth:`reset`)."""
@@ -267,24 +267,16 @@ class RTRL:
         # each sample's units of G first (padded with other units to the batch's largest set)
         units = in_g.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
         real = torch.arange(width, device=M.device) < sizes.unsqueeze(1)  # (B, width)
-        rows = (torch.arange(B, device=M.device).unsqueeze(1) * H + units).flatten()
         slopes = self._dy_dchat.gather(1, units).unsqueeze(2)  # D^y of those rows
         # Jacobian ∂ĉ_i/∂y_j = Σ_gates d_gh[gate, i]·W_h,gate[i, j], on the columns j in G only
         w_cols = weight_hh.reshape(3, H, H)[:, :, units]  # (3, H, B, width)
         jacobian = torch.einsum("bgi,gibk->bik", d_gh.view(B, 3, H), w_cols) * real.unsqueeze(1)
-        # M_{t-1} becomes M_t in place, a block of columns at a time: G's rows of the block are
-        # copied out (whole rows, an index per row) and scaled by D^y, then the block is scaled
-        # by the own-unit term (ĉ_t depends on its own c_{t-1} through z) and the product added
-        # while it is still in cache. No B × H × P tensor is allocated: the copy holds one block.
+        # M_{t-1} becomes M_t in place, a block of columns at a time: G's rows of the block,
+        # copied out, are scaled by D^y; then the block is scaled by the own-unit term (ĉ_t
+        # depends on its own c_{t-1} through z) and the product added while it is in cache.
         scale = (z * self._dc_dchat).unsqueeze(2)
-        columns = max(256, COLUMN_BLOCK // (B * H))
-        flat = M.view(B * H, P)
-        for start in range(0, P, columns):
-            stop = min(start + columns, P)
-            dy = self._rows_buffer(B * width * (stop - start)).view(B * width, stop - start)
-            torch.index_select(flat[:, start:stop], 0, rows, out=dy)
-            dy = dy.view(B, width, stop - start).mul_(slopes)
-            M[:, :, start:stop].mul_(scale).baddbmm_(jacobian, dy)
+        for start, stop, dy in self._blocks_of_rows(units):
+            M[:, :, start:stop].mul_(scale).baddbmm_(jacobian, dy.mul_(slopes))
         if self.threshold_offset is not None:  # the ϑ columns' own terms, added to M_t
             thresholds = M[:, :, self.threshold_offset:self.threshold_offset + H]  # (B, H, H)
             # ϑ_j moves y_j (j in G) directly, which reaches ĉ_i through the Jacobian
@@ -296,11 +288,31 @@ class RTRL:
         self.macs += g * P + 3 * H * g + H * g * P + B * H * P
         return M
 
-    def _rows_buffer(self, numel: int) -> torch.Tensor:
-        """Room for ``numel`` numbers, kept from step to step (at most a block of G's rows)."""
-        if self._buffer is None or self._buffer.numel() < numel:
-            self._buffer = self._influence.new_empty(numel)
-        return self._buffer[:numel]
+    def _block_columns(self, batch_size: int) -> int:
+        """Columns of M updated together (about COLUMN_BLOCK entries over the batch)."""
+        return min(self.num_columns, max(256, COLUMN_BLOCK // (batch_size * self.hidden_size)))
+
+    def _rows_room(self, batch_size: int) -> torch.Tensor:
+        """Room for every unit's row of one block, allocated once: all the learner allocates
+        is allocated by reset, so its memory cannot grow with the steps taken or with G."""
+        ref = self.cell.threshold
+        return torch.empty(batch_size * self.hidden_size * self._block_columns(batch_size),
+                           dtype=ref.dtype, device=ref.device)
+
+    def _blocks_of_rows(self, units: torch.Tensor):
+        """For each block of M's columns: ``(start, stop, rows)``, ``rows`` (B, k, stop − start)
+        a copy of the block's rows of ``units`` (B, k) (whole rows, an index per row), in the
+        room made by reset: no B × H × P tensor is allocated."""
+        M = self._influence
+        B, H, P = M.shape
+        k = units.shape[1]
+        rows = (torch.arange(B, device=M.device).unsqueeze(1) * H + units).flatten()
+        flat, columns = M.view(B * H, P), self._block_columns(B)
+        for start in range(0, P, columns):
+            stop = min(start + columns, P)
+            copy = self._rows[:B * k * (stop - start)].view(B * k, stop - start)
+            torch.index_select(flat[:, start:stop], 0, rows, out=copy)
+            yield start, stop, copy.view(B, k, stop - start)
 
     def _add_immediate(self, influence, d_pre, inputs) -> None:
         """Add ``M̄_t``: entry (unit i, weight (ρ, p)) is ``∂ĉ_i/∂pre-activation_ρ · input_p``."""
@@ -331,11 +343,13 @@ class RTRL:
         self._check("grad_y", grad_y, self.hidden_size)
         with torch.no_grad():
             weights = grad_y * self._dy_dchat  # zero outside G_t: those rows of M are not read
-            M = self._influence
-            if self.sparse:
-                units = (weights != 0).any(0).nonzero().squeeze(1)
-                weights, M = weights[:, units], M.index_select(1, units)
-            columns = torch.einsum("bh,bhp->p", weights, M)
+            B, H = weights.shape
+            units = ((weights != 0).any(0).nonzero().squeeze(1) if self.sparse
+                     else torch.arange(H, device=weights.device)).expand(B, -1)
+            weights = weights.gather(1, units).flatten()
+            columns = weights.new_empty(self.num_columns)
+            for start, stop, rows in self._blocks_of_rows(units):
+                torch.mv(rows.view(-1, stop - start).t(), weights, out=columns[start:stop])
             if self.threshold_offset is not None:
                 start = self.threshold_offset
                 columns[start:start + self.hidden_size] += (grad_y * self._dy_dthreshold).sum(0)
