@@ -12,7 +12,9 @@ between marker comments, so that no figure is copied by hand:
     python benchmarks/report.py --check    # exit 1 (and name them) when blocks are stale
 
 Blocks: ``headline`` (README.md, docs/speed.md), ``reproduce``, ``by-backend``, ``results``,
-``load-b1`` and ``load-b32`` (docs/speed.md). The tables of the full grid and of the B = 1 load
+``load-b1``, ``load-b32`` and ``weight-sparsity`` (docs/speed.md); ``rtrl-targets``,
+``rtrl-memory`` and ``rtrl-tables`` (docs/rtrl.md, from ``docs/rtrl.json``, the tables of the
+last one those of ``benchmarks/rtrl.py --markdown``). The tables of the full grid and of the B = 1 load
 runs are the ones ``speed.py --markdown`` and ``speed.py --load-table`` print (imported from it,
 not rewritten). Exit status: 0 done or up to date, 1 stale (``--check``), 2 markers missing.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import rtrl  # benchmarks/rtrl.py: the RTRL cost tables
 import speed  # benchmarks/speed.py: its table renderers and its definition of the ratios
 
 GRID = "docs/speed.json"
@@ -36,6 +39,10 @@ B1_LOAD = [("docs/load/b1-quiet1.json", "docs/load/b1-busy1.json"),
            ("docs/load/b1-quiet2.json", "docs/load/b1-busy2.json")]
 B32_LOAD = ("docs/load/b32-quiet.json", "docs/load/b32-busy.json")
 WEIGHT_SPARSITY = "docs/speed-weight-sparsity.json"
+RTRL = "docs/rtrl.json"
+# The issue's targets for sparse RTRL's influence update, dense/sparse wall time at ~10 % of the
+# units in G: 8× with dense weights, 30× with 80 % of them pruned
+RTRL_TARGETS = {0.0: 8, 0.8: 30}
 
 # The headline: H = 1024, ~90 % activity sparsity, the event and auto backends, nn.GRU timed
 # alongside each call. Each row names the quiet (no --busy) files it is read from.
@@ -241,11 +248,47 @@ def weight_sparsity(doc: Path) -> str:
     return "\n".join(lines)
 
 
+def rtrl_targets(doc: Path) -> str:
+    """Sparse against dense RTRL at B = 1, dense input, about 10 % of the units in G."""
+    rows = [r for r in load(RTRL)["rows"] if r["B"] == 1 and r["input"] == "dense" and r["target"] == 0.1
+            and r["calibrate"] == "g"]
+    lines = ["| H | weights pruned | units in G | influence matrix, sparse / dense | sparse step | dense step "
+             "| dense/sparse time | target | dense/sparse MACs |", "|---|---|---|---|---|---|---|---|---|"]
+    for sp in sorted((r for r in rows if r["method"] == "rtrl-sparse"), key=lambda r: (r["weight_sparsity"], r["H"])):
+        dn = next((r for r in rows if r["method"] == "rtrl-dense" and rtrl._key(r) == rtrl._key(sp)), None)
+        if dn is None:
+            continue
+        target = RTRL_TARGETS.get(sp["weight_sparsity"])
+        lines.append(f"| {sp['H']} | {sp['weight_sparsity']:.0%} | {sp['g_fraction']:.1%} | "
+                     f"{sp['influence_bytes'] / 2**20:.2f} / {dn['influence_bytes'] / 2**20:.2f} MiB | "
+                     f"{sp['step_s'] * 1e3:.2f} ms | {dn['step_s'] * 1e3:.1f} ms | "
+                     f"**{dn['step_s'] / sp['step_s']:.1f}×** | {'' if target is None else f'{target}×'} | "
+                     f"{dn['macs_per_step'] / sp['macs_per_step']:.1f}× |")
+    return "\n".join(lines)
+
+
+def rtrl_memory(doc: Path) -> str:
+    """Peak memory against sequence length, relative to the shortest sequence measured."""
+    memory = load(RTRL)["memory"]
+    lines = ["| method | H | T | peak memory | vs the shortest T |", "|---|---|---|---|---|"]
+    for key in sorted({(r["method"], r["H"], r["weight_sparsity"]) for r in memory}):
+        group = sorted((r for r in memory if (r["method"], r["H"], r["weight_sparsity"]) == key), key=lambda r: r["T"])
+        for r in group:
+            lines.append(f"| {key[0]} | {key[1]} | {r['T']:,} | {r['peak_bytes'] / 2**20:.3f} MiB | "
+                         f"{r['peak_bytes'] / group[0]['peak_bytes']:.3f}× |")
+    return "\n".join(lines)
+
+
+def rtrl_tables(doc: Path) -> str:
+    return rtrl.markdown_tables(load(RTRL))
+
+
 BLOCKS = {
     "README.md": {"headline": headline},
     "docs/speed.md": {"headline": headline, "reproduce": reproduce, "by-backend": by_backend,
                       "results": results, "load-b1": load_b1, "load-b32": load_b32,
                       "weight-sparsity": weight_sparsity},
+    "docs/rtrl.md": {"rtrl-targets": rtrl_targets, "rtrl-memory": rtrl_memory, "rtrl-tables": rtrl_tables},
 }
 
 

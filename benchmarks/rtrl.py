@@ -34,8 +34,9 @@ Two measurements, on one thread by default (``--threads``), in float32 by defaul
    T steps + backward. Besides, the bytes a learner holds after the sequence (influence
    matrix, state, slopes, column tables) and the bytes BPTT's autograd graph saves (unique
    storages saved for backward, parameters and inputs left out). The profiler slows an RTRL
-   step to about 10 ms (H = 32, B = 1), so T = 10000 takes a minute or two per learner;
-   ``--memory-steps`` with no value skips the memory measurement.
+   step to about 10 ms (H = 32, B = 1), so T = 10000 takes a minute or two per learner, and it
+   keeps every event: for dense RTRL at T = 10000 that outgrew 24 GiB (``--memory-methods
+   rtrl-sparse bptt`` leaves it out). ``--memory-steps`` with no value skips the measurement.
 
 Inputs (``--input``): ``dense``, random normal; ``sparse``, random normal values at a random
 ``--input-density`` fraction of the entries (a stacked layer's events). The surrogate is the
