@@ -6,8 +6,9 @@ for one epoch (60,000 images, 28 steps of 28 pixels), and the delay task (a cue,
 then the answer) for the first 400 steps (3.1 epochs of its 4,096 sequences) of the recipe's
 ten-epoch schedule. Every run is an ordinary ``egru train online``
 command (printed with ``commands``); ``run`` trains the missing ones, ``--jobs`` at a time with
-one thread each, resuming interrupted ones; ``report`` prints the table and draws the training
-loss of both learnings against the examples seen.
+one thread each, resuming interrupted ones; ``report`` prints the table (with how long the two
+learnings' logged training losses stay equal, and their largest difference) and draws the
+training loss of both learnings against the examples seen.
 
     export EGRU_DATA_DIR=../shared/data
     python benchmarks/online_study.py run --jobs 2
@@ -57,25 +58,33 @@ def measure(run_dir: Path) -> dict:
             "losses": training_losses(run_dir)}
 
 
-def largest_difference(a: list, b: list) -> float | None:
-    """The largest gap between two runs' training losses at the steps both logged."""
-    common = dict(a).keys() & dict(b).keys()
-    return max((abs(dict(a)[k] - dict(b)[k]) for k in common), default=None)
+def compare(a: list, b: list) -> tuple:
+    """Two runs' training losses at the steps both logged: the examples seen until the first
+    that differ (all of them when none does), and the largest difference."""
+    a, b = dict(a), dict(b)
+    common = sorted(a.keys() & b.keys())
+    if not common:
+        return None, None
+    equal_until = next((seen for seen in common if a[seen] != b[seen]), None)
+    equal = common[-1] if equal_until is None else max((s for s in common if s < equal_until), default=0)
+    return equal, max(abs(a[k] - b[k]) for k in common)
 
 
 def report(root: Path, plot) -> dict:
     rows = {name: measure(root / name) for name in runs() if (root / name / "results.json").exists()}
     print("| task | learning | test accuracy | test loss | activity sparsity | backward sparsity "
-          "| RTRL influence MACs/token | train tokens/s | train time | largest training-loss gap RTRL–BPTT |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| RTRL influence MACs/token | train tokens/s | train time | training losses equal through "
+          "| largest training-loss gap |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, m in rows.items():
         task, learning = name.rsplit("-", 1)
         other = rows.get(f"{task}-{'bptt' if learning == 'rtrl' else 'rtrl'}")
-        gap = None if other is None else largest_difference(m["losses"], other["losses"])
+        equal, gap = (None, None) if other is None else compare(m["losses"], other["losses"])
         macs = "" if m["influence_macs"] is None else f"{m['influence_macs']:,.0f}"
         print(f"| {task} | {learning} | {m['accuracy']:.2%} | {m['loss']:.4f} | {1 - m['activity']:.1%} | "
               f"{1 - m['backward_activity']:.1%} | {macs} | {m['tokens_per_second']:,.0f} | "
-              f"{m['seconds'] / 60:.1f} min | {'' if gap is None else f'{gap:.2g}'} |")
+              f"{m['seconds'] / 60:.1f} min | {'' if equal is None else f'{equal:,} examples'} | "
+              f"{'' if gap is None else f'{gap:.2g}'} |")
     if plot:
         draw(rows, plot)
     return rows

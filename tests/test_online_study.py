@@ -53,6 +53,14 @@ def test_report_prints_the_table_and_draws_the_plot(study, tmp_path, capsys):
     rows = study.report(tmp_path, tmp_path / "study.png")
     assert rows["delay-rtrl"]["losses"] == [(32, 1.0), (640, 0.5), (1280, 0.25)]  # examples seen
     table = capsys.readouterr().out
-    assert "| delay | rtrl | 75.00% | 0.5000 | 75.0% | 50.0% | 1,234 | 100 | 2.0 min | 0.25 |" in table
-    assert "| delay | bptt | 50.00% | 0.5000 | 75.0% | 50.0% |  | 100 | 2.0 min | 0.25 |" in table
+    row = "| 75.0% | 50.0% | {} | 100 | 2.0 min | 32 examples | 0.25 |"  # equal at step 1 only
+    assert "| delay | rtrl | 75.00% | 0.5000 " + row.format("1,234") in table
+    assert "| delay | bptt | 50.00% | 0.5000 " + row.format("") in table
     assert (tmp_path / "study.png").stat().st_size > 0
+
+
+def test_compare_finds_where_two_runs_part(study):
+    assert study.compare([(1, 2.0), (2, 1.0), (3, 0.5)], [(1, 2.0), (2, 1.0), (3, 0.75)]) == (2, 0.25)
+    assert study.compare([(1, 2.0), (2, 1.0)], [(1, 2.0), (2, 1.0), (3, 9.0)]) == (2, 0.0)  # all equal
+    assert study.compare([(1, 2.0)], [(1, 2.5)]) == (0, 0.5)
+    assert study.compare([(1, 2.0)], [(2, 2.0)]) == (None, None)
