@@ -1,0 +1,17 @@
+"""The embedded eGRU of Amoh & Odame (2019) for microcontrollers (SPEC §5).
+
+A different cell from :class:`egru.EGRU`, with no events: one softsign update gate, no reset
+gate, weights quantised to ``{0, ±¼, ±½, ±1}`` so that a multiplication is a shift, meant for
+fixed-point inference on small devices. Named ``EmbeddedGRU`` so that it cannot be mistaken for
+the event-based EGRU.
+
+* :mod:`.functional`: the cell's equations and the 3-bit weight quantiser, written once.
+* :mod:`.modules`: :class:`EmbeddedGRUCell` and the stacked :class:`EmbeddedGRU` (the
+  ``torch.nn.GRU`` calling conventions), in float, optionally quantisation-aware.
+"""
+
+from .functional import QUANTIZERS, dequantize, quantization_codes, quantize, softsign
+from .modules import EmbeddedGRU, EmbeddedGRUCell
+
+__all__ = ["EmbeddedGRU", "EmbeddedGRUCell", "QUANTIZERS", "dequantize", "quantization_codes", "quantize",
+           "softsign"]
