@@ -8,6 +8,8 @@ the event-based EGRU.
 * :mod:`.functional`: the cell's equations and the 3-bit weight quantiser, written once.
 * :mod:`.modules`: :class:`EmbeddedGRUCell` and the stacked :class:`EmbeddedGRU` (the
   ``torch.nn.GRU`` calling conventions), in float, optionally quantisation-aware.
+* :mod:`.q15`: the same layers in Q15 fixed point with shifts for weights (numpy), the
+  bit-exact statement of what a device computes, and the converter from a float model.
 """
 
 from .functional import QUANTIZERS, dequantize, quantization_codes, quantize, softsign

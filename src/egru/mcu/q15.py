@@ -1,0 +1,111 @@
+"""The embedded eGRU in Q15 fixed point (numpy): the bit-exact statement of what a device computes.
+
+Numbers. An activation ``a`` in [−1, 1) is the int16 ``round(a · 2^15)``, saturated to
+[−32768, 32767] (Q15). A weight is its 3-bit code (:func:`egru.mcu.quantization_codes`): sign
+and magnitude ``m``, value ``±2^(m−3)``. A bias is ``round(b · 2^15)`` in int32, saturated.
+
+One step, every intermediate an int32 (the engine checks the sizes that keep it so):
+
+1. ``u = [h, x]``; each gate's pre-activation ``v = bias + Σ_k w_k·u_k``, where a weight of
+   magnitude ``m`` contributes ``±(u_k >> (3 − m))``: a shift, no multiplication. ``>>`` is
+   the arithmetic shift, floor division by a power of two (C must write it so for negative
+   numbers: ``~(~u >> s)``). The sum is saturated to int32 once, after the bias; before it, it
+   cannot overflow while ``H + I ≤ 65,535``.
+2. Softsign ``ς(v) = sign(v)·(1 − 1/(1 + |v|))``: in Q15
+   ``sign(v)·min(2^15 − ⌊2^30 / (2^15 + |v|)⌋, 32767)`` (one 32-bit division per unit and gate;
+   ``|v|`` is first saturated to ``2^31 − 1 − 2^15``).
+3. The gate ``z = (ς_z + 2^15) >> 1`` in [0, 32767].
+4. ``h_t = h + ((z · (h̃ − h) + 2^14) >> 15)``, saturated to int16: ``z·(h̃ − h) + 2^14`` is at
+   most 32767 · 65535 + 2^14 < 2^31, and the ``2^14`` rounds to nearest.
+
+Against the float cell with the same 3-bit weights, each step's error comes from rounding the
+inputs and biases to Q15, the floors of the shifts (at most one unit per nonzero weight) and of
+the division, and the final rounding: tests bound it on random inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ONE = 1 << 15  # 1.0 in Q15
+INT16 = (-(1 << 15), (1 << 15) - 1)
+INT32 = (-(1 << 31), (1 << 31) - 1)
+MAX_FAN_IN = 65_535  # H + I: the weighted sum of so many Q15 values fits an int32
+
+
+def to_q15(values, bits: int = 16) -> np.ndarray:
+    """Float values → Q15 integers (round to nearest, saturate to int16, or int32 for biases)."""
+    low, high = INT16 if bits == 16 else INT32
+    scaled = np.rint(np.asarray(values, dtype=np.float64) * ONE)
+    return np.clip(scaled, low, high).astype(np.int64)
+
+
+def from_q15(q) -> np.ndarray:
+    return np.asarray(q, dtype=np.float64) / ONE
+
+
+def shift_product(codes: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``Σ_k w_k · u_k`` for 3-bit weight codes (H, K) and Q15 inputs u (B, K): (B, H) int64,
+    each term ``±(u_k >> (3 − m))``."""
+    codes = np.asarray(codes, dtype=np.int64)
+    m, sign = np.abs(codes), np.sign(codes)
+    shift = np.where(m > 0, 3 - m, 0)
+    terms = np.right_shift(u[:, None, :], shift[None, :, :]) * sign[None, :, :]  # floor shifts
+    return terms.sum(axis=2)
+
+
+def softsign(v: np.ndarray) -> np.ndarray:
+    """Integer softsign of int32 pre-activations (Q15) → Q15 in [−32767, 32767]."""
+    magnitude = np.minimum(np.abs(v), INT32[1] - ONE)
+    return np.sign(v) * np.minimum(ONE - (1 << 30) // (ONE + magnitude), INT16[1])
+
+
+def gate_preactivation(codes, bias, u) -> np.ndarray:
+    total = shift_product(codes, u)
+    if bias is not None:
+        total = total + np.asarray(bias, dtype=np.int64)
+    return np.clip(total, *INT32)
+
+
+def step(x: np.ndarray, h: np.ndarray, codes_z, bias_z, codes_h, bias_h) -> np.ndarray:
+    """One Q15 step: x (B, I), h (B, H) Q15 integers; codes (H, H + I); biases (H,) Q15 or None."""
+    u = np.concatenate([h, x], axis=1).astype(np.int64)
+    if u.shape[1] > MAX_FAN_IN:
+        raise ValueError(f"H + I = {u.shape[1]} is over {MAX_FAN_IN}: the weighted sum could overflow int32")
+    z = (softsign(gate_preactivation(codes_z, bias_z, u)) + ONE) >> 1
+    candidate = softsign(gate_preactivation(codes_h, bias_h, u))
+    update = (z * (candidate - h) + (1 << 14)) >> 15
+    return np.clip(h + update, *INT16)
+
+
+class Q15Layers:
+    """Stacked embedded eGRU layers converted from a float :class:`egru.mcu.EmbeddedGRU`: its
+    weights' 3-bit codes under the layer's rule (``"paper"`` when it trained in float) and its
+    biases in Q15. ``run(x)``: Q15 inputs (T, B, I) → every step's last-layer state (T, B, H)
+    and the final states (layers, B, H)."""
+
+    def __init__(self, layer, rule: str | None = None):
+        from .functional import quantization_codes  # torch only for the conversion
+
+        rule = rule or getattr(layer.cells[0], "quantize", None) or "paper"
+        self.rule, self.cells = rule, []
+        for cell in layer.cells:
+            bias = [None if b is None else to_q15(b.detach().cpu().numpy(), bits=32)
+                    for b in (cell.bias_z, cell.bias_h)]
+            self.cells.append((quantization_codes(cell.weight_z, rule).cpu().numpy().astype(np.int64), bias[0],
+                               quantization_codes(cell.weight_h, rule).cpu().numpy().astype(np.int64), bias[1]))
+        self.hidden_size, self.input_size = layer.hidden_size, layer.input_size
+
+    def run(self, x: np.ndarray, h0: np.ndarray | None = None):
+        x = np.asarray(x, dtype=np.int64)
+        T, B, _ = x.shape
+        states = [np.zeros((B, self.hidden_size), np.int64) if h0 is None else np.asarray(h0[k], np.int64)
+                  for k in range(len(self.cells))]
+        outputs = []
+        for x_t in x:
+            inp = x_t
+            for k, cell in enumerate(self.cells):
+                states[k] = step(inp, states[k], *cell)
+                inp = states[k]
+            outputs.append(inp)
+        return np.stack(outputs), np.stack(states)
