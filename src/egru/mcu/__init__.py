@@ -10,10 +10,12 @@ the event-based EGRU.
   ``torch.nn.GRU`` calling conventions), in float, optionally quantisation-aware.
 * :mod:`.q15`: the same layers in Q15 fixed point with shifts for weights (numpy), the
   bit-exact statement of what a device computes, and the converter from a float model.
+* :mod:`.export`: :func:`export_c` writes that engine as a self-contained C99 library.
 """
 
+from .export import export_c
 from .functional import QUANTIZERS, dequantize, quantization_codes, quantize, softsign
 from .modules import EmbeddedGRU, EmbeddedGRUCell
 
-__all__ = ["EmbeddedGRU", "EmbeddedGRUCell", "QUANTIZERS", "dequantize", "quantization_codes", "quantize",
-           "softsign"]
+__all__ = ["EmbeddedGRU", "EmbeddedGRUCell", "QUANTIZERS", "dequantize", "export_c", "quantization_codes",
+           "quantize", "softsign"]
