@@ -73,3 +73,97 @@ def test_download_verifies_what_it_fetched(tmp_path, monkeypatch):
     with pytest.raises(data.DataError, match="expected checksum"):
         data.download("ptb", tmp_path / "cache")
     assert not (folder / "ptb.test.txt").exists()
+
+
+# --- spoken digits (FSDD) and WAV files ------------------------------------------------------
+
+def write_wav(path, samples, rate=8000, channels=1):
+    import wave
+
+    import numpy as np
+
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(np.repeat(np.asarray(samples, dtype="<i2"), channels).tobytes())
+
+
+def test_read_wav_and_its_clear_errors(tmp_path):
+    import numpy as np
+
+    write_wav(tmp_path / "ok.wav", [0, 16384, -32768, 32767])
+    assert data.read_wav(tmp_path / "ok.wav", 8000).tolist() == [0.0, 0.5, -1.0, 32767 / 32768]
+    write_wav(tmp_path / "fast.wav", np.zeros(10), rate=16000)
+    with pytest.raises(data.DataError, match="8000 Hz, got 16000 Hz"):
+        data.read_wav(tmp_path / "fast.wav", 8000)
+    write_wav(tmp_path / "stereo.wav", np.zeros(10), channels=2)
+    with pytest.raises(data.DataError, match="mono 16-bit"):
+        data.read_wav(tmp_path / "stereo.wav")
+    (tmp_path / "junk.wav").write_bytes(b"RIFF not really a wave file")
+    with pytest.raises(data.DataError, match="junk.wav is not a readable WAV"):
+        data.read_wav(tmp_path / "junk.wav")
+    raw = (tmp_path / "ok.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(raw[:-3])  # the header promises 4 samples
+    with pytest.raises(data.DataError, match="cut.wav"):
+        data.read_wav(tmp_path / "cut.wav")
+
+
+def test_spectrogram_of_a_sinusoid():
+    import numpy as np
+
+    t = np.arange(1000)  # 7 whole windows of 128, the rest dropped
+    x = 0.5 * np.sin(2 * np.pi * t * 5 / 128)
+    s = data.spectrogram(x)
+    assert s.shape == (7, 64)
+    assert np.allclose(s[:, 4], 0.5, atol=1e-6)  # bin 5 (DC is left out)
+    assert np.allclose(np.delete(s, 4, axis=1), 0, atol=1e-6)
+
+
+def test_download_refuses_recordings_that_are_not_fsdds(tmp_path):
+    import zipfile
+
+    import numpy as np
+
+    write_wav(tmp_path / "0_x_0.wav", np.zeros(100))
+    archive = tmp_path / "fake.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(tmp_path / "0_x_0.wav", "repo-main/recordings/0_x_0.wav")
+    with pytest.raises(data.DataError, match="not the expected ones"):
+        data.download_fsdd(tmp_path / "cache", url=archive.as_uri())
+    assert not (tmp_path / "cache" / "fsdd" / "recordings").exists()  # nothing took its final name
+
+
+def needs_fsdd():
+    root = data_dir()
+    if root is None or not (root / "fsdd" / "SHA256SUMS").is_file():
+        pytest.skip("EGRU_DATA_DIR is not set to a directory holding fsdd/ (recordings/ and SHA256SUMS)")
+    return root
+
+
+def test_fsdd_official_split_on_the_real_files():
+    splits = data.load_fsdd(needs_fsdd())
+    (train, train_labels), (test, test_labels) = splits["train"], splits["test"]
+    assert (len(train), len(test)) == (2700, 300)
+    assert train_labels.bincount().tolist() == [270] * 10 and test_labels.bincount().tolist() == [30] * 10
+    assert all(clip.dtype.name == "float32" and abs(clip).max() <= 1 for clip in test)
+
+
+def test_fsdd_download_from_an_archive_and_a_damaged_copy(tmp_path):
+    """The download path on a local archive of the real recordings (as GitHub lays it out), then
+    one recording changed by a byte is found."""
+    import zipfile
+
+    source = needs_fsdd() / "fsdd" / "recordings"
+    archive = tmp_path / "fsdd.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(source.glob("*.wav")):
+            z.write(path, f"free-spoken-digit-dataset-{data.FSDD_COMMIT}/recordings/{path.name}")
+    folder = data.download_fsdd(tmp_path / "cache", url=archive.as_uri())
+    assert data.locate_fsdd(tmp_path / "cache") == folder
+    victim = folder / "recordings" / "3_theo_7.wav"
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 1
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(data.DataError, match="differ from those SHA256SUMS lists"):
+        data.locate_fsdd(tmp_path / "cache")

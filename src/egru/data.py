@@ -1,5 +1,5 @@
 """Data sets: the word-level language-modeling corpora Penn Treebank and WikiText-2 (SPEC §6),
-and MNIST.
+MNIST, and the Free Spoken Digit Dataset (FSDD, 8 kHz recordings of spoken digits).
 
 The standard files are read from a data directory (``data_dir`` or the ``EGRU_DATA_DIR``
 environment variable), either directly in it or in a sub-folder named after the data set
@@ -11,7 +11,9 @@ missing files are fetched from their public locations into a cache directory
 
 Tokens are the whitespace-separated words of each line plus ``<eos>`` at its end; the
 vocabulary is numbered in order of first occurrence over train, valid, test. MNIST comes in
-its IDX files (``train-images-idx3-ubyte.gz`` and the others): :func:`load_mnist`.
+its IDX files (``train-images-idx3-ubyte.gz`` and the others): :func:`load_mnist`. FSDD comes
+as its ``recordings/`` folder of WAV files beside a ``SHA256SUMS`` list whose own checksum is
+pinned (:func:`load_fsdd`); :func:`spectrogram` gives the embedded eGRU's input features.
 """
 
 from __future__ import annotations
@@ -257,3 +259,117 @@ def load_mnist(data_dir=None, download_missing: bool = False) -> dict:
             raise DataError(f"MNIST's {split} labels in {folder} go up to {labels.max()}; expected 0..9")
         splits[split] = (torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
     return splits
+
+
+# --- spoken digits: the Free Spoken Digit Dataset ------------------------------------------
+
+FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"
+FSDD_ARCHIVE = f"https://github.com/Jakobovski/free-spoken-digit-dataset/archive/{FSDD_COMMIT}.zip"
+# The SHA-256 of the recordings' checksum list (``SHA256SUMS``: "<sha256>  <file name>" lines,
+# sorted by name), which pins all 3,000 recordings at once
+FSDD_SUMS_SHA256 = "1801eae019c063377d98f831d3f93574f259475df7332bb0e3d1b080fb5e6959"
+FSDD_RATE = 8000
+
+
+def checksum_list(folder: Path) -> str:
+    """``SHA256SUMS``'s text for the ``.wav`` files of ``folder``: one line per file, by name."""
+    return "".join(f"{sha256(path)}  {path.name}\n" for path in sorted(Path(folder).glob("*.wav")))
+
+
+def download_fsdd(root: Optional[Path] = None, url: str = FSDD_ARCHIVE) -> Path:
+    """Fetch FSDD's recordings (the repository's archive at the pinned commit) into
+    ``root/fsdd/recordings`` (default: the cache) and write their ``SHA256SUMS``, verified
+    against the pinned checksum list before anything takes its final name."""
+    import shutil
+    import zipfile
+
+    folder = (root or cache_dir()) / "fsdd"
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        archive = Path(tmp) / "fsdd.zip"
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response, open(archive, "wb") as f:
+                shutil.copyfileobj(response, f)
+            with zipfile.ZipFile(archive) as z:
+                members = [m for m in z.namelist() if "/recordings/" in m and m.endswith(".wav")]
+                staged = Path(tmp) / "recordings"
+                staged.mkdir()
+                for member in members:
+                    (staged / Path(member).name).write_bytes(z.read(member))
+        except (OSError, zipfile.BadZipFile) as err:
+            raise DataError(f"could not download FSDD from {url}: {err}") from err
+        sums = checksum_list(staged)
+        if hashlib.sha256(sums.encode()).hexdigest() != FSDD_SUMS_SHA256:
+            raise DataError(f"the recordings downloaded from {url} are not the expected ones")
+        if (folder / "recordings").exists():
+            shutil.rmtree(folder / "recordings")
+        os.replace(staged, folder / "recordings")
+        (folder / "SHA256SUMS").write_text(sums)
+    return folder
+
+
+def locate_fsdd(data_dir=None, download_missing: bool = False) -> Path:
+    """The folder holding ``SHA256SUMS`` and ``recordings/``, the list checked against its pinned
+    checksum and every recording against the list."""
+    given = data_dir or os.environ.get("EGRU_DATA_DIR")
+    if given is not None and not Path(given).is_dir():
+        raise DataError(f"data directory {given} does not exist")
+    roots = ([Path(given)] if given else []) + [cache_dir()]
+    folder = next((f for r in roots for f in (r, r / "fsdd") if (f / "SHA256SUMS").is_file()
+                   and (f / "recordings").is_dir()), None)
+    if folder is None and download_missing:
+        folder = download_fsdd()
+    if folder is None:
+        where = given or "a data directory (--data-dir or EGRU_DATA_DIR)"
+        raise DataError(f"FSDD not found: put its recordings/ folder and SHA256SUMS in {where} or its "
+                        "'fsdd/' sub-folder, or allow downloading (--download)")
+    listed = (folder / "SHA256SUMS").read_text()
+    if hashlib.sha256(listed.encode()).hexdigest() != FSDD_SUMS_SHA256:
+        raise DataError(f"{folder / 'SHA256SUMS'} is not FSDD's checksum list at commit {FSDD_COMMIT[:7]}")
+    if checksum_list(folder / "recordings") != listed:
+        raise DataError(f"the recordings in {folder / 'recordings'} differ from those SHA256SUMS lists: "
+                        "a file is missing, extra, corrupt or truncated; replace them with the originals")
+    return folder
+
+
+def read_wav(path, rate: Optional[int] = None) -> np.ndarray:
+    """A mono 16-bit PCM WAV file's samples as float32 in [−1, 1); ``rate``: the sampling rate
+    it must have. Anything else raises :class:`DataError` naming the file."""
+    import wave
+
+    try:
+        with wave.open(str(path), "rb") as f:
+            channels, width, framerate, frames = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
+            raw = f.readframes(frames)
+    except (wave.Error, EOFError) as err:
+        raise DataError(f"{path} is not a readable WAV file ({err})") from None
+    if channels != 1 or width != 2:
+        raise DataError(f"{path}: expected mono 16-bit PCM, got {channels} channels of {8 * width} bits")
+    if rate is not None and framerate != rate:
+        raise DataError(f"{path}: expected a sampling rate of {rate} Hz, got {framerate} Hz")
+    if len(raw) != 2 * frames:
+        raise DataError(f"{path} is truncated: its header says {frames} samples, it holds {len(raw) // 2}")
+    return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768
+
+
+def load_fsdd(data_dir=None, download_missing: bool = False) -> dict:
+    """FSDD's official split, ``{"train": (clips, labels), "test": (clips, labels)}``: clips a
+    list of float32 sample arrays at 8 kHz, labels int64 (N,) digits. Recordings
+    ``{digit}_{speaker}_{index}.wav`` with index 0–4 are the test set (300), the rest train (2,700)."""
+    folder = locate_fsdd(data_dir, download_missing) / "recordings"
+    splits = {"train": ([], []), "test": ([], [])}
+    for path in sorted(folder.glob("*.wav")):
+        digit, _, index = path.stem.split("_")
+        clips, labels = splits["test" if int(index) < 5 else "train"]
+        clips.append(read_wav(path, FSDD_RATE))
+        labels.append(int(digit))
+    return {s: (clips, torch.tensor(labels, dtype=torch.long)) for s, (clips, labels) in splits.items()}
+
+
+def spectrogram(samples: np.ndarray, window: int = 128) -> np.ndarray:
+    """(T, window // 2) magnitudes of the FFT of consecutive non-overlapping windows (the last
+    partial window dropped), bins 1 … window/2 (DC left out), divided by window/2: a full-scale
+    sinusoid at a bin's frequency gives 1 there."""
+    frames = len(samples) // window
+    blocks = np.asarray(samples[:frames * window], dtype=np.float64).reshape(frames, window)
+    return (np.abs(np.fft.rfft(blocks, axis=1))[:, 1:] / (window // 2)).astype(np.float32)
