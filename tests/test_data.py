@@ -167,3 +167,32 @@ def test_fsdd_download_from_an_archive_and_a_damaged_copy(tmp_path):
     victim.write_bytes(bytes(raw))
     with pytest.raises(data.DataError, match="differ from those SHA256SUMS lists"):
         data.locate_fsdd(tmp_path / "cache")
+
+
+def test_speech_commands_layout(tmp_path):
+    """A generated folder in the archive's layout: splits from the two lists, words sorted."""
+    for word, names in (("yes", ["a_nohash_0", "b_nohash_0", "c_nohash_1"]), ("no", ["a_nohash_0"])):
+        (tmp_path / word).mkdir()
+        for name in names:
+            write_wav(tmp_path / word / f"{name}.wav", [1, 2, 3], rate=16000)
+    (tmp_path / "_background_noise_").mkdir()
+    (tmp_path / "testing_list.txt").write_text("yes/b_nohash_0.wav\n")
+    (tmp_path / "validation_list.txt").write_text("no/a_nohash_0.wav\n")
+    splits = data.load_speech_commands(tmp_path)
+    assert [splits[s][1].tolist() for s in ("train", "valid", "test")] == [[1, 1], [0], [1]]  # no=0, yes=1
+    with pytest.raises(data.DataError, match="8000 Hz, got 16000 Hz"):
+        data.load_speech_commands(tmp_path, rate=8000)
+    (tmp_path / "testing_list.txt").unlink()
+    with pytest.raises(data.DataError, match="testing_list.txt"):
+        data.load_speech_commands(tmp_path)
+
+
+def test_speech_commands_subset_on_the_real_files():
+    root = data_dir()
+    folder = None if root is None else root / "speech_commands" / "speech_commands_v0.01_subset"
+    if folder is None or not folder.is_dir():
+        pytest.skip("EGRU_DATA_DIR is not set to a directory holding speech_commands/")
+    splits = data.load_speech_commands(folder)
+    total = sum(len(splits[s][0]) for s in splits)
+    assert total == 300 and int(splits["train"][1].max()) == 29  # 30 words of 10 clips
+    assert all(len(clip) <= 16000 for clip in splits["test"][0])

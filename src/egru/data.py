@@ -373,3 +373,34 @@ def spectrogram(samples: np.ndarray, window: int = 128) -> np.ndarray:
     frames = len(samples) // window
     blocks = np.asarray(samples[:frames * window], dtype=np.float64).reshape(frames, window)
     return (np.abs(np.fft.rfft(blocks, axis=1))[:, 1:] / (window // 2)).astype(np.float32)
+
+
+# --- Google Speech Commands (its folder layout; a subset is enough for the format) -----------
+
+def load_speech_commands(folder, words=None, rate: int = 16000) -> dict:
+    """A Speech Commands folder (``<word>/<speaker>_nohash_<n>.wav`` beside ``testing_list.txt``
+    and ``validation_list.txt``; any subset of the archive) as ``{"train" | "valid" | "test":
+    (clips, labels)}``: clips float32 sample arrays at ``rate`` Hz (the archive's is 16 kHz),
+    labels int64 indices into ``words`` (default: every word folder, sorted; folders starting
+    with ``_``, the background noise, are not words). A clip is in the split whose list names
+    it, else in train."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"Speech Commands folder {folder} does not exist")
+    if words is None:
+        words = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    lists = {}
+    for split, file in (("test", "testing_list.txt"), ("valid", "validation_list.txt")):
+        if not (folder / file).is_file():
+            raise DataError(f"{folder} has no {file}: not a Speech Commands folder")
+        lists.update({line.strip(): split for line in (folder / file).read_text().splitlines() if line.strip()})
+    splits = {s: ([], []) for s in ("train", "valid", "test")}
+    for label, word in enumerate(words):
+        clips = sorted((folder / word).glob("*.wav"))
+        if not clips:
+            raise DataError(f"{folder / word} holds no .wav clips")
+        for path in clips:
+            split = lists.get(f"{word}/{path.name}", "train")
+            splits[split][0].append(read_wav(path, rate))
+            splits[split][1].append(label)
+    return {s: (clips, torch.tensor(labels, dtype=torch.long)) for s, (clips, labels) in splits.items()}
