@@ -29,9 +29,8 @@ SEQUENCE = [
     ("stacked-infer", "float32", 2),    # loads that from the cache (crashed before)
     ("stacked-train", "float64", 1),    # a stacked layer first, one thread
     ("one-layer-train", "float64", 2),
-    ("stacked-infer", "float64", 1),
-    ("stacked-train", "float32", 2),
-    ("stacked-train", "float64", 2),    # everything from the cache now
+    ("stacked-train", "float32", 2),    # float32's training kernels from the cache
+    ("stacked-infer", "float64", 2),    # everything from the cache now
     ("one-layer-train", "float32", 2, "workqueue"),  # another threading layer, same cache
 ]
 
