@@ -70,3 +70,44 @@ def test_engine_against_the_float_layer(rule):
     assert np.array_equal(q_h[-1], q_out[-1])
     codes = engine.cells[0][0]
     assert set(np.unique(np.abs(codes))) == {0, 1, 2, 3}
+
+
+def test_dense_weights_take_the_smallest_exponent_that_fits():
+    values, exponent, bias = q15.dense_weights([[0.5, -0.25]], [0.125])
+    assert (values.tolist(), exponent, bias.tolist()) == ([[16384, -8192]], 0, [4096])
+    values, exponent, _ = q15.dense_weights([[3.0, -0.5]], None)
+    assert exponent == 2 and values.tolist() == [[24576, -4096]]  # 3 = 24576 · 2^(2 − 15)
+    with pytest.raises(ValueError, match="beyond"):
+        q15.dense_weights([[70000.0]], None)
+    with pytest.raises(ValueError, match="overflow"):
+        q15.dense(np.zeros((1, 1 << 14), np.int64), np.zeros((1, 1 << 14), np.int64), 2, None, relu=False)
+
+
+def test_dense_layer_in_integers():
+    x = np.array([[16384, -16384, 32767]])  # ½, −½, ≈1
+    values, exponent, bias = q15.dense_weights([[1.0, 1.0, 0.0], [2.0, 0.0, -1.0]], [0.0, 0.25])
+    # unit 0: ½ − ½ = 0; unit 1: 2·½ − 1 + ¼ = ¼ (floors of the shifts: a unit or two below)
+    out = q15.dense(x, values, exponent, bias, relu=False)
+    assert out[0, 0] in (-1, 0) and abs(out[0, 1] - 8192) <= 2
+    assert q15.dense(-x, values, exponent, bias, relu=True).min() >= 0  # ReLU
+
+
+def test_classifier_against_the_float_model():
+    """Recurrent layers and a two-layer head: logits within 1e-2 of the float model's with the
+    same 3-bit recurrent weights, and the same predicted classes where the float margin is clear."""
+    torch.manual_seed(3)
+    recurrent = mcu.EmbeddedGRU(6, 12, num_layers=2, quantize="paper", dtype=torch.float64)
+    head = [torch.nn.Linear(12, 8, dtype=torch.float64), torch.nn.Linear(8, 4, dtype=torch.float64)]
+    with torch.no_grad():
+        for p in recurrent.parameters():
+            p.mul_(4)
+    x = torch.rand(30, 64, 6, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        features = recurrent(x)[0][-1]
+        logits = head[1](torch.relu(head[0](features))).numpy()
+    engine = q15.Q15Classifier(recurrent, head)
+    got = q15.from_q15(engine.classify(q15.to_q15(x.numpy())))
+    assert np.abs(got - logits).max() < 1e-2
+    sorted_logits = np.sort(logits, axis=1)
+    clear = sorted_logits[:, -1] - sorted_logits[:, -2] > 2e-2
+    assert clear.sum() > 32 and np.array_equal(got[clear].argmax(1), logits[clear].argmax(1))

@@ -8,7 +8,8 @@ the event-based EGRU.
 * :mod:`.functional`: the cell's equations and the 3-bit weight quantiser, written once.
 * :mod:`.modules`: :class:`EmbeddedGRUCell` and the stacked :class:`EmbeddedGRU` (the
   ``torch.nn.GRU`` calling conventions), in float, optionally quantisation-aware.
-* :mod:`.q15`: the same layers in Q15 fixed point with shifts for weights (numpy), the
+* :mod:`.q15`: the same layers in Q15 fixed point with shifts for weights (numpy), and a dense
+  head with int16 weights (:class:`.q15.Q15Classifier`): the
   bit-exact statement of what a device computes, and the converter from a float model.
 * :mod:`.export`: :func:`export_c` writes that engine as a self-contained C99 library.
 """

@@ -109,3 +109,51 @@ class Q15Layers:
                 inp = states[k]
             outputs.append(inp)
         return np.stack(outputs), np.stack(states)
+
+
+# --- the dense head: Linear → ReLU → … → Linear, weights in int16 with a power-of-two scale ---
+
+def dense_weights(weight, bias) -> tuple:
+    """A float Linear layer's weights as ``(int16 values, exponent e, int32 bias in Q15)``:
+    ``w ≈ values · 2^(e − 15)`` with the smallest ``e ≥ 0`` for which every |w| fits."""
+    weight = np.asarray(weight, dtype=np.float64)
+    largest = float(np.abs(weight).max(initial=0.0))
+    exponent = 0
+    while largest >= (1 << exponent) * (INT16[1] / ONE):
+        exponent += 1
+    if exponent > 15:
+        raise ValueError(f"a dense weight of magnitude {largest:g} is beyond what int16 with a scale holds")
+    values = np.clip(np.rint(weight * (1 << (15 - exponent))), *INT16).astype(np.int64)
+    return values, exponent, None if bias is None else to_q15(bias, bits=32)
+
+
+def dense(x: np.ndarray, values: np.ndarray, exponent: int, bias, relu: bool) -> np.ndarray:
+    """A dense layer in Q15: each product ``w·x`` (at most 2^30) floor-shifted by ``15 − e``,
+    summed in int32 (fewer than ``2^(16 − e)`` inputs, so the sum cannot overflow), the bias
+    added with saturation; ReLU layers saturate to int16 (their outputs feed the next layer as
+    Q15 activations), the last one gives int32 logits."""
+    if x.shape[1] >= 1 << (16 - exponent):  # K shifted products of up to 2^(15 + e) each
+        raise ValueError(f"{x.shape[1]} inputs with weights scaled by 2^{exponent}: the sum could overflow int32")
+    products = np.right_shift(x[:, None, :] * values[None, :, :], 15 - exponent)
+    total = products.sum(axis=2) + (0 if bias is None else np.asarray(bias, dtype=np.int64))
+    total = np.clip(total, *INT32)
+    return np.clip(np.maximum(total, 0), *INT16) if relu else total
+
+
+class Q15Classifier:
+    """A classifier (recurrent layers, then dense layers with ReLU between them) in Q15: the
+    recurrent layers as :class:`Q15Layers`, each ``torch.nn.Linear`` of ``head`` by
+    :func:`dense_weights`. ``classify(x)``: Q15 inputs (T, B, I) → int32 logits (B, classes)
+    from the last layer's state at the last step."""
+
+    def __init__(self, recurrent, head: list, rule: str | None = None):
+        self.recurrent = Q15Layers(recurrent, rule)
+        self.head = [dense_weights(layer.weight.detach().cpu().numpy(),
+                                   None if layer.bias is None else layer.bias.detach().cpu().numpy())
+                     for layer in head]
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        features = self.recurrent.run(x)[0][-1]
+        for k, (values, exponent, bias) in enumerate(self.head):
+            features = dense(features, values, exponent, bias, relu=k < len(self.head) - 1)
+        return features
