@@ -189,14 +189,20 @@ def download(name: str, root: Optional[Path] = None) -> Path:
     return folder
 
 
-def locate(name: str, data_dir=None, download_missing: bool = False) -> Path:
-    """The verified folder holding data set ``name``; see the module docstring for where it looks."""
-    spec = _spec(name)
+def _roots(data_dir) -> tuple:
+    """The data directory given (``data_dir`` or ``EGRU_DATA_DIR``, or None) and the folders to
+    look in: it, then the cache."""
     given = data_dir or os.environ.get("EGRU_DATA_DIR")
     if given is not None and not Path(given).is_dir():
         raise DataError(f"data directory {given} does not exist")
-    roots = [Path(given)] if given else []
-    folder = _find(spec, roots + [cache_dir()])
+    return given, ([Path(given)] if given else []) + [cache_dir()]
+
+
+def locate(name: str, data_dir=None, download_missing: bool = False) -> Path:
+    """The verified folder holding data set ``name``; see the module docstring for where it looks."""
+    spec = _spec(name)
+    given, roots = _roots(data_dir)
+    folder = _find(spec, roots)
     if folder is None and download_missing:
         folder = download(name)
     if folder is None:
@@ -311,10 +317,7 @@ def download_fsdd(root: Optional[Path] = None, url: str = FSDD_ARCHIVE) -> Path:
 def locate_fsdd(data_dir=None, download_missing: bool = False) -> Path:
     """The folder holding ``SHA256SUMS`` and ``recordings/``, the list checked against its pinned
     checksum and every recording against the list."""
-    given = data_dir or os.environ.get("EGRU_DATA_DIR")
-    if given is not None and not Path(given).is_dir():
-        raise DataError(f"data directory {given} does not exist")
-    roots = ([Path(given)] if given else []) + [cache_dir()]
+    given, roots = _roots(data_dir)
     folder = next((f for r in roots for f in (r, r / "fsdd") if (f / "SHA256SUMS").is_file()
                    and (f / "recordings").is_dir()), None)
     if folder is None and download_missing:

@@ -106,8 +106,7 @@ def export_c(engine: "q15.Q15Layers", out_dir, name: str = "egru_mcu") -> dict:
     H, I, L = engine.hidden_size, engine.input_size, len(engine.cells)
     if H > MAX_HIDDEN:
         raise ValueError(f"hidden size {H} is over the {MAX_HIDDEN} units this exporter supports")
-    if H + I > q15.MAX_FAN_IN:
-        raise ValueError(f"H + I = {H + I} is over {q15.MAX_FAN_IN}: the weighted sum could overflow int32")
+    q15.check_fan_in(H + I)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     upper = name.upper()

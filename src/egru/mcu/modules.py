@@ -9,12 +9,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..modules import _check_positive_int
 from . import functional
-
-
-def _check_positive_int(name: str, n) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {n!r}")
 
 
 class EmbeddedGRUCell(nn.Module):

@@ -44,6 +44,11 @@ def from_q15(q) -> np.ndarray:
     return np.asarray(q, dtype=np.float64) / ONE
 
 
+def check_fan_in(fan_in: int) -> None:
+    if fan_in > MAX_FAN_IN:
+        raise ValueError(f"H + I = {fan_in} is over {MAX_FAN_IN}: the weighted sum could overflow int32")
+
+
 def shift_product(codes: np.ndarray, u: np.ndarray) -> np.ndarray:
     """``Σ_k w_k · u_k`` for 3-bit weight codes (H, K) and Q15 inputs u (B, K): (B, H) int64,
     each term ``±(u_k >> (3 − m))``."""
@@ -70,8 +75,7 @@ def gate_preactivation(codes, bias, u) -> np.ndarray:
 def step(x: np.ndarray, h: np.ndarray, codes_z, bias_z, codes_h, bias_h) -> np.ndarray:
     """One Q15 step: x (B, I), h (B, H) Q15 integers; codes (H, H + I); biases (H,) Q15 or None."""
     u = np.concatenate([h, x], axis=1).astype(np.int64)
-    if u.shape[1] > MAX_FAN_IN:
-        raise ValueError(f"H + I = {u.shape[1]} is over {MAX_FAN_IN}: the weighted sum could overflow int32")
+    check_fan_in(u.shape[1])
     z = (softsign(gate_preactivation(codes_z, bias_z, u)) + ONE) >> 1
     candidate = softsign(gate_preactivation(codes_h, bias_h, u))
     update = (z * (candidate - h) + (1 << 14)) >> 15
