@@ -29,7 +29,7 @@ def generated_corpus(name="ptb", data_dir=None, download=False):
     return data.Corpus(name, [f"w{i}" for i in range(words)], ids(600), ids(120), ids(120))
 
 
-def generated_sequences(valid: bool = False):
+def generated_sequences(data_dir=None, download=False, valid: bool = False):
     """40 training, 16 test (and 16 validation) sequences of 6 steps, 3 features, 4 classes."""
     generator = torch.Generator().manual_seed(0)
     split = lambda n: (torch.randn(n, 6, 3, generator=generator), torch.randint(4, (n,), generator=generator))  # noqa: E731
@@ -215,6 +215,8 @@ def test_flat_presets_equal_the_presets_resolved_before(name, model):
     assert cfg.pop("beta1") == 0.0  # a field since; the language model's AdamW always had beta1 0
     pruning = {key: cfg.pop(key) for key in list(cfg) if key.startswith("prune_")}  # fields since
     assert pruning["prune_to"] == 0.0  # no pruning
+    embedded = (cfg.pop("quantize"), cfg.pop("quantize_start"), cfg.pop("q15_ranges"))  # fields since
+    assert embedded == ("none", 0.0, False)
     assert cfg == old_preset(name, model)
     if name == "cpu-small":  # a name lookup: the flat preset itself
         assert lm.preset(name, model) is lm.PRESETS[f"cpu-small-{model}"]
@@ -251,11 +253,11 @@ def test_every_option_of_every_command_says_what_it_means_and_its_default():
             if action.option_strings and not (action.required or flag):
                 assert "default" in action.help or "cpu-small-egru:" in action.help, (prog, action.dest)
     lm_help = commands["egru train lm"].format_help()
-    for shown in ("--dataset {ptb,wikitext2}", "--model {egru,gru,lstm}", "--preset {", "cpu-small-gru",
+    for shown in ("--dataset {ptb,wikitext2}", "--model {egru,gru,lstm,embedded}", "--preset {", "cpu-small-gru",
                   "(cpu-small-egru: 0.003)", "(cpu-small-egru: no limit)"):
         assert shown in lm_help
     classify_help = commands["egru train classify"].format_help()
-    assert "--task {mnist1d}" in classify_help and "(default: 0.01)" in classify_help
+    assert "--task {mnist1d,fsdd}" in classify_help and "(default: 0.01)" in classify_help
 
 
 def test_messages_name_only_extras_that_exist():

@@ -67,7 +67,7 @@ def test_engine_against_the_float_layer(rule):
     q_out, q_h = engine.run(q15.to_q15(x.numpy()))
     error = np.abs(q15.from_q15(q_out) - out.numpy()).max() * q15.ONE
     assert error <= 64, error
-    assert np.array_equal(q_h[-1], q_out[-1])
+    assert np.array_equal(q_h[-1], q_out[-1]) and len(q_h) == 2
     codes = engine.cells[0][0]
     assert set(np.unique(np.abs(codes))) == {0, 1, 2, 3}
 
@@ -106,8 +106,33 @@ def test_classifier_against_the_float_model():
         features = recurrent(x)[0][-1]
         logits = head[1](torch.relu(head[0](features))).numpy()
     engine = q15.Q15Classifier(recurrent, head)
-    got = q15.from_q15(engine.classify(q15.to_q15(x.numpy())))
+    got = q15.from_q15(engine.logits(q15.to_q15(x.numpy())))
     assert np.abs(got - logits).max() < 1e-2
     sorted_logits = np.sort(logits, axis=1)
     clear = sorted_logits[:, -1] - sorted_logits[:, -2] > 2e-2
     assert clear.sum() > 32 and np.array_equal(got[clear].argmax(1), logits[clear].argmax(1))
+
+
+def test_layers_of_different_sizes_and_their_checks():
+    """The paper's shape (two layers of different sizes, from two modules) runs as one stack;
+    a head that does not fit the features is refused."""
+    torch.manual_seed(4)
+    first, second = mcu.EmbeddedGRU(5, 7, dtype=torch.float64), mcu.EmbeddedGRU(7, 3, dtype=torch.float64)
+    x = torch.rand(12, 2, 5, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        out = second(first(x)[0])[0]
+    quantized = [mcu.EmbeddedGRU(5, 7, quantize="paper", dtype=torch.float64),
+                 mcu.EmbeddedGRU(7, 3, quantize="paper", dtype=torch.float64)]
+    for module, trained in zip(quantized, (first, second)):
+        module.load_state_dict(trained.state_dict())
+    with torch.no_grad():
+        expected = quantized[1](quantized[0](x)[0])[0].numpy()
+    engine = q15.Q15Layers([first, second])
+    assert engine.hidden_sizes == [7, 3] and out.shape == expected.shape
+    got, states = engine.run(q15.to_q15(x.numpy()))
+    assert [s.shape for s in states] == [(2, 7), (2, 3)]
+    assert np.abs(q15.from_q15(got) - expected).max() * q15.ONE <= 64
+    with pytest.raises(ValueError, match="feeds one that expects"):
+        q15.Q15Layers([second, first])
+    with pytest.raises(ValueError, match="dense layer of 4 inputs follows 3"):
+        q15.Q15Classifier([first, second], [torch.nn.Linear(4, 2)])

@@ -134,7 +134,8 @@ def _train_classify(args) -> int:
     from egru.recipes import classify
 
     cfg = classify.ClassifyConfig(**_overrides(args))
-    result = classify.train_and_evaluate(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    result = classify.train_and_evaluate(cfg, args.run_dir, data_dir=args.data_dir, download=args.download,
+                                         resume=args.resume, progress=not args.no_progress)
     return _finish(args, cfg.model, result, "accuracy", ".1%")
 
 
@@ -154,6 +155,19 @@ def _eval_lm(args) -> int:
                                     download=args.download, progress=not args.no_progress)
     print(json.dumps(result, indent=2) if args.json else
           f"{args.split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+    return 0
+
+
+def _export_c(args) -> int:
+    from egru.recipes import classify
+
+    result = classify.export_checkpoint(args.checkpoint, args.out, args.name, args.vectors,
+                                        data_dir=args.data_dir, download=args.download)
+    layers = result["engine"].recurrent.hidden_sizes
+    print(f"wrote {result['header']}, {result['source']} (recurrent layers {layers}, "
+          f"{result['stored_bytes']:,} bytes of weights and biases)\n"
+          f"test vectors: {result['vectors']}; check them with\n"
+          f"  cc -std=c99 -O2 -o check {result['source']} {result['check']} && ./check")
     return 0
 
 
@@ -236,10 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_lm.set_defaults(run=_train_lm)
 
     train_classify = train.add_parser(
-        "classify", help="sequence classification (MNIST-1D)",
-        description="Train an EGRU, GRU or LSTM sequence classifier. Shown in brackets: the defaults.")
+        "classify", help="sequence classification (MNIST-1D, spoken digits)",
+        description="Train an EGRU, GRU, LSTM or embedded-eGRU sequence classifier. Shown in brackets: "
+                    "the defaults.")
     _run_arguments(train_classify)
-    train_classify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _data_arguments(train_classify)
     _config_arguments(train_classify, classify.ClassifyConfig, "classification", classify.ClassifyConfig(),
                       "default")
     train_classify.set_defaults(run=_train_classify)
@@ -253,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(train_online)
     _config_arguments(train_online, online.OnlineConfig, "online learning", online.OnlineConfig(), "default")
     train_online.set_defaults(run=_train_online)
+
+    export = sub.add_parser(
+        "export-c", help="write a trained embedded-eGRU classifier as a C99 library",
+        description="Convert a checkpoint of `egru train classify --model embedded` to Q15 fixed point "
+                    "(3-bit recurrent weights as shifts, int16 dense weights) and write it as C99: "
+                    "NAME.h, NAME.c (no floating point, no allocation, only <stdint.h>), test vectors "
+                    "(NAME_vectors.h: test sequences of the task and saturating ones, with what the "
+                    "Python engine computes) and NAME_check.c, a program that checks them.")
+    export.add_argument("checkpoint", help="a best.pt or last.pt of `egru train classify --model embedded`")
+    export.add_argument("--out", required=True, help="folder for the C files")
+    export.add_argument("--name", default="egru_mcu", help="prefix of the files and functions (default: %(default)s)")
+    export.add_argument("--vectors", type=_int_in(0), default=20,
+                        help="test sequences of the task in the test vectors (default: %(default)s)")
+    export.add_argument("--data-dir", help="folder with the data files (default: $EGRU_DATA_DIR)")
+    export.add_argument("--download", action="store_true", help="download missing data into the cache")
+    export.set_defaults(run=_export_c)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="task", required=True)
     eval_lm = evaluate.add_parser("lm", help="perplexity of a language-model checkpoint")

@@ -269,8 +269,11 @@ def prepare_for_load(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
     masks of a pruned checkpoint.
 
     Returns:
-        ``model``, changed in place.
+        ``model``, changed in place (unchanged when ``state_dict`` has no masks, whatever the
+        model: one without recurrent weights of these names included).
     """
+    if not any(key.endswith("_mask") for key in state_dict):
+        return model
     for t in _targets(model):
         if t.name + "_mask" in state_dict:
             t.reparametrise()

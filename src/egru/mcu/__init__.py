@@ -11,12 +11,13 @@ the event-based EGRU.
 * :mod:`.q15`: the same layers in Q15 fixed point with shifts for weights (numpy), and a dense
   head with int16 weights (:class:`.q15.Q15Classifier`): the
   bit-exact statement of what a device computes, and the converter from a float model.
-* :mod:`.export`: :func:`export_c` writes that engine as a self-contained C99 library.
+* :mod:`.export`: :func:`export_c` writes that engine as a self-contained C99 library,
+  :func:`write_test_vectors` inputs with the engine's outputs and a program that checks them.
 """
 
-from .export import export_c
+from .export import export_c, write_test_vectors
 from .functional import QUANTIZERS, dequantize, quantization_codes, quantize, softsign
 from .modules import EmbeddedGRU, EmbeddedGRUCell
 
 __all__ = ["EmbeddedGRU", "EmbeddedGRUCell", "QUANTIZERS", "dequantize", "export_c", "quantization_codes",
-           "quantize", "softsign"]
+           "quantize", "softsign", "write_test_vectors"]

@@ -34,8 +34,17 @@ QUANTIZERS = {"paper": (0.25, True), "authors": (2 ** -2.5, False)}
 HALF_FROM, ONE_FROM = 2 ** -1.5, 2 ** -0.5  # where ½ and 1 begin (log-domain midpoints)
 
 
+Q15_MAX = 1 - 2 ** -15  # the largest Q15 value; the smallest is −1
+
+
 def softsign(v: torch.Tensor) -> torch.Tensor:
     return v / (1 + v.abs())
+
+
+def clip_q15(x: torch.Tensor, low: float = -1.0) -> torch.Tensor:
+    """``x`` clamped to the Q15 range ``[low, 1 − 2^-15]``, as the integer engine saturates it
+    (``low = 0`` for a ReLU's outputs). The gradient is zero where a value is clipped."""
+    return x.clamp(low, Q15_MAX)
 
 
 def step(x: torch.Tensor, h: torch.Tensor, weight_z: torch.Tensor, bias_z, weight_h: torch.Tensor,

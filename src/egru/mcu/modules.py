@@ -78,6 +78,10 @@ class EmbeddedGRUCell(nn.Module):
 class EmbeddedGRU(nn.Module):
     """Stacked embedded eGRU layers over a sequence, with ``torch.nn.GRU``'s conventions.
 
+    ``clip``: inputs are clamped to the Q15 range ``[−1, 1 − 2^-15]`` first, as the integer
+    engine saturates them (training in the ranges the device computes in; the states and gates
+    are in range by construction).
+
     ``forward(input, h0=None)``: ``input`` (T, B, I), (B, T, I) with ``batch_first``, or (T, I)
     unbatched; ``h0`` (num_layers, B, H) or (num_layers, H) unbatched, zeros if None. Returns
     ``(output, h_n)``: the last layer's state at every step, in the input's layout, and every
@@ -85,14 +89,15 @@ class EmbeddedGRU(nn.Module):
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, quantize: Optional[str] = None, device=None, dtype=None):
+                 batch_first: bool = False, quantize: Optional[str] = None, clip: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         _check_positive_int("num_layers", num_layers)
         self.cells = nn.ModuleList(
             EmbeddedGRUCell(input_size if k == 0 else hidden_size, hidden_size, bias, quantize, device, dtype)
             for k in range(num_layers))
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.batch_first = batch_first
+        self.batch_first, self.clip = batch_first, clip
 
     def forward(self, input: torch.Tensor, h0: Optional[torch.Tensor] = None):
         batched = input.dim() == 3
@@ -103,6 +108,8 @@ class EmbeddedGRU(nn.Module):
         x = input if batched else input.unsqueeze(1)
         if batched and self.batch_first:
             x = x.transpose(0, 1)
+        if self.clip:
+            x = functional.clip_q15(x)
         B = x.shape[1]
         if h0 is None:
             h0 = x.new_zeros(self.num_layers, B, self.hidden_size)

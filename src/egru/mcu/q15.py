@@ -83,28 +83,40 @@ def step(x: np.ndarray, h: np.ndarray, codes_z, bias_z, codes_h, bias_h) -> np.n
 
 
 class Q15Layers:
-    """Stacked embedded eGRU layers converted from a float :class:`egru.mcu.EmbeddedGRU`: its
-    weights' 3-bit codes under the layer's rule (``"paper"`` when it trained in float) and its
-    biases in Q15. ``run(x)``: Q15 inputs (T, B, I) → every step's last-layer state (T, B, H)
-    and the final states (layers, B, H)."""
+    """Stacked embedded eGRU layers converted from float: ``layers`` is an
+    :class:`egru.mcu.EmbeddedGRU` or a sequence of them (each feeding the next, so that layers
+    may differ in size, as the paper's 30 → 20). Weights become their 3-bit codes under
+    ``rule`` (default: the first cell's training rule, ``"paper"`` when it trained in float),
+    biases Q15 int32.
 
-    def __init__(self, layer, rule: str | None = None):
+    ``run(x)``: Q15 inputs (T, B, I) → the last layer's state at every step (T, B, H_last) and
+    every layer's final state (a list of (B, H_k))."""
+
+    def __init__(self, layers, rule: str | None = None):
         from .functional import quantization_codes  # torch only for the conversion
 
-        rule = rule or getattr(layer.cells[0], "quantize", None) or "paper"
-        self.rule, self.cells = rule, []
-        for cell in layer.cells:
+        modules = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        cells = [cell for module in modules for cell in module.cells]
+        for before, cell in zip(cells, cells[1:]):
+            if cell.input_size != before.hidden_size:
+                raise ValueError(f"a layer of {before.hidden_size} units feeds one that expects "
+                                 f"{cell.input_size} inputs")
+        self.rule = rule or getattr(cells[0], "quantize", None) or "paper"
+        self.cells = []
+        for cell in cells:
+            check_fan_in(cell.hidden_size + cell.input_size)
             bias = [None if b is None else to_q15(b.detach().cpu().numpy(), bits=32)
                     for b in (cell.bias_z, cell.bias_h)]
-            self.cells.append((quantization_codes(cell.weight_z, rule).cpu().numpy().astype(np.int64), bias[0],
-                               quantization_codes(cell.weight_h, rule).cpu().numpy().astype(np.int64), bias[1]))
-        self.hidden_size, self.input_size = layer.hidden_size, layer.input_size
+            self.cells.append((quantization_codes(cell.weight_z, self.rule).cpu().numpy().astype(np.int64), bias[0],
+                               quantization_codes(cell.weight_h, self.rule).cpu().numpy().astype(np.int64), bias[1]))
+        self.input_size = cells[0].input_size
+        self.hidden_sizes = [cell.hidden_size for cell in cells]
 
-    def run(self, x: np.ndarray, h0: np.ndarray | None = None):
+    def run(self, x: np.ndarray, h0: list | None = None):
         x = np.asarray(x, dtype=np.int64)
         T, B, _ = x.shape
-        states = [np.zeros((B, self.hidden_size), np.int64) if h0 is None else np.asarray(h0[k], np.int64)
-                  for k in range(len(self.cells))]
+        states = [np.zeros((B, H), np.int64) if h0 is None else np.asarray(h0[k], np.int64)
+                  for k, H in enumerate(self.hidden_sizes)]
         outputs = []
         for x_t in x:
             inp = x_t
@@ -112,7 +124,7 @@ class Q15Layers:
                 states[k] = step(inp, states[k], *cell)
                 inp = states[k]
             outputs.append(inp)
-        return np.stack(outputs), np.stack(states)
+        return np.stack(outputs), states
 
 
 # --- the dense head: Linear → ReLU → … → Linear, weights in int16 with a power-of-two scale ---
@@ -131,13 +143,17 @@ def dense_weights(weight, bias) -> tuple:
     return values, exponent, None if bias is None else to_q15(bias, bits=32)
 
 
+def check_dense(inputs: int, exponent: int) -> None:
+    if inputs >= 1 << (16 - exponent):  # that many shifted products of up to 2^(15 + e) each
+        raise ValueError(f"{inputs} inputs with weights scaled by 2^{exponent}: the sum could overflow int32")
+
+
 def dense(x: np.ndarray, values: np.ndarray, exponent: int, bias, relu: bool) -> np.ndarray:
     """A dense layer in Q15: each product ``w·x`` (at most 2^30) floor-shifted by ``15 − e``,
     summed in int32 (fewer than ``2^(16 − e)`` inputs, so the sum cannot overflow), the bias
     added with saturation; ReLU layers saturate to int16 (their outputs feed the next layer as
     Q15 activations), the last one gives int32 logits."""
-    if x.shape[1] >= 1 << (16 - exponent):  # K shifted products of up to 2^(15 + e) each
-        raise ValueError(f"{x.shape[1]} inputs with weights scaled by 2^{exponent}: the sum could overflow int32")
+    check_dense(x.shape[1], exponent)
     products = np.right_shift(x[:, None, :] * values[None, :, :], 15 - exponent)
     total = products.sum(axis=2) + (0 if bias is None else np.asarray(bias, dtype=np.int64))
     total = np.clip(total, *INT32)
@@ -146,18 +162,30 @@ def dense(x: np.ndarray, values: np.ndarray, exponent: int, bias, relu: bool) ->
 
 class Q15Classifier:
     """A classifier (recurrent layers, then dense layers with ReLU between them) in Q15: the
-    recurrent layers as :class:`Q15Layers`, each ``torch.nn.Linear`` of ``head`` by
-    :func:`dense_weights`. ``classify(x)``: Q15 inputs (T, B, I) → int32 logits (B, classes)
-    from the last layer's state at the last step."""
+    recurrent layers (an :class:`egru.mcu.EmbeddedGRU` or a sequence of them) as
+    :class:`Q15Layers`, each ``torch.nn.Linear`` of ``head`` by :func:`dense_weights`.
+    ``logits(x)``: Q15 inputs (T, B, I) → int32 logits (B, classes) read from the last layer's
+    state at the last step; ``classify(x)`` their argmax (the first of equal ones)."""
 
     def __init__(self, recurrent, head: list, rule: str | None = None):
         self.recurrent = Q15Layers(recurrent, rule)
         self.head = [dense_weights(layer.weight.detach().cpu().numpy(),
                                    None if layer.bias is None else layer.bias.detach().cpu().numpy())
                      for layer in head]
+        width = self.recurrent.hidden_sizes[-1]
+        for values, exponent, _ in self.head:
+            if values.shape[1] != width:
+                raise ValueError(f"a dense layer of {values.shape[1]} inputs follows {width} features")
+            check_dense(width, exponent)
+            width = values.shape[0]
 
-    def classify(self, x: np.ndarray) -> np.ndarray:
-        features = self.recurrent.run(x)[0][-1]
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.head_logits(self.recurrent.run(x)[0][-1])
+
+    def head_logits(self, features: np.ndarray) -> np.ndarray:
         for k, (values, exponent, bias) in enumerate(self.head):
             features = dense(features, values, exponent, bias, relu=k < len(self.head) - 1)
         return features
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        return self.logits(x).argmax(axis=1)

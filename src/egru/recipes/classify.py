@@ -1,9 +1,21 @@
 """Sequence classification: a stack of recurrent cores and a linear readout, trained through the
 harness (:mod:`.harness`). ``egru demo`` trains an EGRU and a GRU side by side with it.
 
-Tasks: ``mnist1d`` (Greydanus & Kobak), generated locally by the ``mnist1d`` package: 4,000
-training and 1,000 test sequences of 40 steps, one value per step, 10 classes. It has no
-validation split: nothing is validated during training and ``best.pt`` is the final model.
+Tasks (neither has a validation split: nothing is validated during training and ``best.pt`` is
+the final model):
+
+* ``mnist1d`` (Greydanus & Kobak), generated locally by the ``mnist1d`` package: 4,000 training
+  and 1,000 test sequences of 40 steps, one value per step, 10 classes.
+* ``fsdd``, keyword spotting on the Free Spoken Digit Dataset (:func:`egru.data.load_fsdd`;
+  official split, 2,700 training and 300 test recordings, 10 digits): 8 kHz audio in windows
+  of 128 samples without overlap, each window's FFT magnitudes in 64 bins (Amoh & Odame's
+  features) times ``FSDD_GAIN``; :data:`FSDD_FRAMES` steps per recording, zero frames before a
+  shorter one (so that its last frame is the last step, where the readout looks) and the first
+  ``FSDD_FRAMES`` of a longer one.
+
+``--layer-sizes 30,20 --head-size 16 --model embedded`` is the paper's keyword spotter:
+recurrent 30 → recurrent 20 → Linear 16 + ReLU → Linear. :func:`to_q15` converts such a trained
+embedded model for :mod:`egru.mcu.q15` and C export.
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import nn
+
+import egru.mcu
 
 from . import harness
 from .common import check, option, positive_int
@@ -52,7 +66,28 @@ def load_mnist1d(seed: int = 42) -> Sequences:
                       "test": (as_x(raw["x_test"]), as_y(raw["y_test"]))}, num_classes=10)
 
 
-TASKS = {"mnist1d": load_mnist1d}
+FSDD_FRAMES = 64  # 1.02 s: longer than 99 % of the recordings
+FSDD_GAIN = 8.0  # 99.9 % of the magnitudes times this are below 1, inside Q15's range
+
+
+def fsdd_features(clip: np.ndarray, frames: int = FSDD_FRAMES) -> np.ndarray:
+    """(frames, 64) features of one 8 kHz recording (see the module docs)."""
+    from egru.data import spectrogram
+
+    features = spectrogram(clip)[:frames] * FSDD_GAIN
+    return np.concatenate([np.zeros((frames - len(features), features.shape[1]), np.float32), features])
+
+
+def load_fsdd_task(data_dir=None, download: bool = False) -> Sequences:
+    """FSDD keyword spotting: x (N, 64, 64), 10 classes."""
+    from egru.data import load_fsdd
+
+    splits = load_fsdd(data_dir, download)
+    return Sequences({split: (torch.from_numpy(np.stack([fsdd_features(c) for c in clips])), labels)
+                      for split, (clips, labels) in splits.items()}, num_classes=10)
+
+
+TASKS = {"mnist1d": lambda data_dir=None, download=False: load_mnist1d(), "fsdd": load_fsdd_task}
 
 
 @dataclass(frozen=True)
@@ -60,6 +95,11 @@ class ClassifyConfig(TrainConfig, CoreConfig):
     task: str = option("mnist1d", "the data set", choices=tuple(TASKS))
     hidden_size: int = option(128, "units of each recurrent layer")
     num_layers: int = option(1, "recurrent layers")
+    layer_sizes: Optional[str] = option(None, "units of each recurrent layer, comma-separated (say 30,20); "
+                                        "replaces hidden_size and num_layers", type=str,
+                                        none="num_layers of hidden_size")
+    head_size: Optional[int] = option(None, "units of a Linear + ReLU layer before the readout", type=int,
+                                      none="none")
     train_size: Optional[int] = option(None, "use the first this many training sequences", type=int,
                                        none="all")
     test_size: Optional[int] = option(None, "use the first this many test sequences", type=int, none="all")
@@ -77,19 +117,34 @@ class ClassifyConfig(TrainConfig, CoreConfig):
             raise ValueError(f"unknown task {self.task!r}; expected one of {tuple(TASKS)}")
         for name in ("hidden_size", "num_layers"):
             check(self, name, "a positive integer", positive_int)
-        for name in ("train_size", "test_size"):
+        check(self, "layer_sizes", "comma-separated positive integers or None",
+              lambda v: v is None or (isinstance(v, str) and all(p.strip().isdigit() and int(p) > 0
+                                                                for p in v.split(","))))
+        for name in ("train_size", "test_size", "head_size"):
             check(self, name, "a positive integer or None", lambda v: v is None or positive_int(v))
+
+    def sizes(self) -> list:
+        """The units of each recurrent layer."""
+        if self.layer_sizes is None:
+            return [self.hidden_size] * self.num_layers
+        return [int(p) for p in self.layer_sizes.split(",")]
 
 
 class Classifier(nn.Module):
-    """Recurrent cores over the sequence; a linear readout of the last core's features."""
+    """Recurrent cores over the sequence; a readout of the last core's features: a Linear
+    layer, or with ``head_size`` Linear → ReLU → Linear (the ReLU's outputs clipped to Q15 with
+    ``q15_ranges``, as the integer engine saturates them)."""
 
     def __init__(self, cfg: ClassifyConfig, input_size: int, num_classes: int):
         super().__init__()
-        H = cfg.hidden_size
-        self.layers = nn.ModuleList(make_core(core_config(cfg), input_size if i == 0 else H, H)
-                                    for i in range(cfg.num_layers))
-        self.readout = nn.Linear(H, num_classes)
+        sizes = cfg.sizes()
+        self.layers = nn.ModuleList(make_core(core_config(cfg), i, h) for i, h in zip([input_size] + sizes, sizes))
+        if cfg.head_size is None:
+            self.readout = nn.Linear(sizes[-1], num_classes)
+        else:
+            relu = ClippedReLU() if cfg.q15_ranges else nn.ReLU()
+            self.readout = nn.Sequential(nn.Linear(sizes[-1], cfg.head_size), relu,
+                                         nn.Linear(cfg.head_size, num_classes))
 
     def forward(self, x: torch.Tensor, record: bool = False):
         """x (T, B, I) → logits (B, classes) and (with record) each layer's record."""
@@ -101,6 +156,25 @@ class Classifier(nn.Module):
 
     def layer_stats(self, records: list) -> list:
         return [layer.stats(rec) for layer, rec in zip(self.layers, records)]
+
+
+class ClippedReLU(nn.Module):
+    def forward(self, x):
+        return egru.mcu.functional.clip_q15(x, low=0.0)
+
+
+def to_q15(model: Classifier):
+    """A trained classifier of ``embedded`` cores as an :class:`egru.mcu.q15.Q15Classifier`
+    (weights by the rule it trained with, ``"paper"`` after float training)."""
+    from egru.mcu.q15 import Q15Classifier
+
+    cores = [layer for layer in model.layers if hasattr(layer, "rnn")]
+    if len(cores) != len(model.layers) or not all(isinstance(c.rnn, egru.mcu.EmbeddedGRU) for c in cores):
+        raise ValueError("only a classifier of embedded cores (--model embedded) runs in Q15: "
+                         "the EGRU, GRU and LSTM are float-only")
+    head = [m for m in (model.readout if isinstance(model.readout, nn.Sequential) else [model.readout])
+            if isinstance(m, nn.Linear)]
+    return Q15Classifier([c.rnn for c in cores], head)
 
 
 @torch.no_grad()
@@ -202,17 +276,41 @@ class ClassifyTask:
 
 
 def train_and_evaluate(cfg: ClassifyConfig, run_dir, *, sequences: Optional[Sequences] = None,
-                       resume: bool = False, progress: bool = True, tensorboard: bool = True,
-                       plots: bool = True) -> dict:
+                       data_dir=None, download: bool = False, resume: bool = False, progress: bool = True,
+                       tensorboard: bool = True, plots: bool = True) -> dict:
     """Train a classifier (see :func:`harness.train`); return its final evaluations.
-    ``sequences``: the task's data when already loaded."""
+    ``sequences``: the task's data when already loaded, else read from ``data_dir`` (FSDD)."""
 
     def make_task(device, world):
-        return ClassifyTask(cfg, sequences or TASKS[cfg.task](), device, world)
+        return ClassifyTask(cfg, sequences or TASKS[cfg.task](data_dir=data_dir, download=download), device, world)
 
     return harness.train(make_task, cfg, run_dir, resume=resume, progress=progress, tensorboard=tensorboard,
                          plots=plots, desc=f"train {cfg.model}")
 
+
+
+def load_classifier(path) -> Classifier:
+    """The model of a checkpoint of ``egru train classify`` (a ``last.pt`` or ``best.pt``)."""
+    return model_from_checkpoint(harness.load_checkpoint(path, ClassifyTask)).eval()
+
+
+def export_checkpoint(path, out_dir, name: str = "egru_mcu", vectors: int = 20, data_dir=None,
+                      download: bool = False, seed: int = 0) -> dict:
+    """``egru export-c``: a classifier of embedded cores as C (:func:`egru.mcu.export_c`), with
+    test vectors (:func:`egru.mcu.write_test_vectors`): the first ``vectors`` test sequences of
+    its task in Q15 and two of random full-scale values, which saturate. Returns the paths, the
+    bytes stored and the engine."""
+    from egru.mcu import export_c, q15, write_test_vectors
+
+    model = load_classifier(path)
+    engine = to_q15(model)
+    cfg = ClassifyConfig(**torch.load(path, map_location="cpu", weights_only=False)["config"])
+    x = TASKS[cfg.task](data_dir=data_dir, download=download).splits["test"][0][:vectors].numpy()
+    saturating = np.random.default_rng(seed).choice(q15.INT16, size=(2,) + x.shape[1:])
+    inputs = np.concatenate([q15.to_q15(x), saturating])
+    paths = export_c(engine, out_dir, name)
+    paths.update(write_test_vectors(engine, inputs, out_dir, name))
+    return {**paths, "engine": engine}
 
 # --- the demo: an EGRU and a GRU side by side -------------------------------------------------
 

@@ -5,7 +5,8 @@ with ``x`` of shape (T, B, I), ``out`` (T, B, H) and a state of (1, B, H) tensor
 comes out; ``core.initial_state(B, like)`` is its zero state, ``core.features(out)`` what a
 readout of the whole sequence reads (B, H), ``core.stats(record)`` the call's
 :class:`egru.LayerStats` (activity, MACs). ``make_core(cfg, I, H)`` builds the one ``cfg.model``
-names: the EGRU, or a ``torch.nn.GRU``/``LSTM`` baseline with DropConnect on its recurrent weights.
+names: the EGRU, a ``torch.nn.GRU``/``LSTM`` baseline with DropConnect on its recurrent weights,
+or the embedded eGRU of :mod:`egru.mcu` (``embedded``; no events), optionally quantisation-aware.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import torch
 from torch import nn
 
 import egru
+import egru.mcu
 from egru.sparsity import dense_layer_stats
 
 from .common import Checked, check, option
 
-MODELS = ("egru", "gru", "lstm")  # the keys of CORES, below
+MODELS = ("egru", "gru", "lstm", "embedded")  # the keys of CORES, below
+QUANTIZE = ("none",) + tuple(egru.mcu.QUANTIZERS)
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,23 @@ class CoreConfig(Checked):
     zoneout: float = option(0.0, "EGRU: probability that a unit keeps its previous internal state")
     dropconnect: float = option(0.0, "probability of dropping a recurrent weight, one mask per call")
     backend: str = option("auto", "how the EGRU is computed", choices=tuple(egru.available_backends()))
+    quantize: str = option("none", "embedded: train with 3-bit weights by this rule (egru.mcu)", choices=QUANTIZE)
+    quantize_start: float = option(0.0, "embedded: fraction of the training steps done in float before "
+                                        "quantisation-aware training starts")
+    q15_ranges: bool = option(False, "embedded: clip inputs and hidden activations to the Q15 engine's ranges")
 
     def __post_init__(self):
         super().__post_init__()
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; expected one of {MODELS}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"unknown quantize {self.quantize!r}; expected one of {QUANTIZE}")
+        check(self, "quantize_start", "a number in [0, 1)", lambda v: 0 <= v < 1)
+        if self.quantize_start and self.quantize == "none":
+            raise ValueError("quantize_start needs a quantize rule")
+        if self.model != "embedded" and (self.quantize != "none" or self.q15_ranges):
+            raise ValueError("quantize and q15_ranges are options of the embedded model, "
+                             f"not of {self.model!r}")
         if self.backend not in egru.available_backends():
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {egru.available_backends()}")
         # Comparisons with NaN are false: NaN is refused too.
@@ -122,10 +137,48 @@ class DenseCore(nn.Module):
                                  record.input_grad, record.weight_density)
 
 
+class EmbeddedCore(nn.Module):
+    """One layer of :class:`egru.mcu.EmbeddedGRU` (in ``self.rnn``), quantisation-aware when
+    ``cfg.quantize`` names a rule (from ``cfg.quantize_start`` of the training on: float
+    before), its inputs clipped to Q15 with ``cfg.q15_ranges``."""
+
+    def __init__(self, cfg: CoreConfig, input_size: int, hidden_size: int):
+        super().__init__()
+        self.rule = None if cfg.quantize == "none" else cfg.quantize
+        self.quantize_start = cfg.quantize_start
+        self.rnn = egru.mcu.EmbeddedGRU(input_size, hidden_size, clip=cfg.q15_ranges, quantize=self.rule)
+
+    def schedule(self, progress: float) -> None:
+        """Called by the harness before each training step with the fraction of training done."""
+        for cell in self.rnn.cells:
+            cell.quantize = self.rule if progress >= self.quantize_start else None
+
+    def forward(self, x, state=None, record: bool = False):
+        out, state = self.rnn(x, state)
+        if not record:
+            return out, state, None
+        weight_z, weight_h = self.rnn.cells[0].weights()  # the nonzero weights it computed with
+        H = self.rnn.hidden_size
+        density = tuple(float(torch.cat([weight_z[:, part], weight_h[:, part]]).ne(0).float().mean())
+                        for part in (slice(H, None), slice(0, H)))
+        return out, state, DenseRecord(x.shape[0] * x.shape[1], x.requires_grad, density)
+
+    def initial_state(self, batch_size: int, like: torch.Tensor):
+        return like.new_zeros(1, batch_size, self.rnn.hidden_size)
+
+    def features(self, out: torch.Tensor) -> torch.Tensor:
+        return out[-1]
+
+    def stats(self, record: DenseRecord) -> egru.LayerStats:
+        return dense_layer_stats(self.rnn.input_size, self.rnn.hidden_size, record.steps, 2,
+                                 record.input_grad, record.weight_density)
+
+
 CORES = {
     "egru": EventCore,
     "gru": lambda cfg, i, h: DenseCore(cfg, i, h, nn.GRU),
     "lstm": lambda cfg, i, h: DenseCore(cfg, i, h, nn.LSTM),
+    "embedded": EmbeddedCore,
 }
 
 

@@ -404,6 +404,9 @@ class Trainer:
         record = self.logged(position.step + 1)  # activity is recorded at the steps that log it
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        for module in self.model.modules():  # modules whose computation follows the schedule
+            if hasattr(module, "schedule"):
+                module.schedule(batch.progress)
         loss, stats = task.loss(self.net, batch, record)
         if not getattr(task, "loss_fills_gradients", False):
             loss.backward()

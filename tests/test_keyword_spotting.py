@@ -1,0 +1,114 @@
+"""Keyword spotting with the embedded eGRU: the FSDD features, the paper's network through the
+classification recipe, and ``egru export-c`` from a checkpoint to C that reproduces the Q15
+engine. On generated tones (never skipped) and on the real FSDD where EGRU_DATA_DIR has it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from egru import cli
+from egru.mcu import q15
+from egru.recipes import classify
+
+CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def generated_tones(data_dir=None, download=False):
+    """Spoken digits stand-in: 1-second 8 kHz tones, one frequency per class, of random length
+    and amplitude, through the FSDD features; 3 classes, 24 training and 9 test clips."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = np.arange(n) % 3
+        clips = [rng.uniform(0.2, 0.8) * np.sin(2 * np.pi * (300 + 700 * c) * np.arange(rng.integers(2000, 9000)) / 8000)
+                 for c in labels]
+        return torch.from_numpy(np.stack([classify.fsdd_features(c) for c in clips])), torch.from_numpy(labels)
+
+    return classify.Sequences({"train": split(24), "test": split(9)}, num_classes=3)
+
+
+@pytest.fixture(autouse=True)
+def _generated_data(monkeypatch):
+    monkeypatch.setitem(classify.TASKS, "fsdd", generated_tones)
+
+
+PAPER_NET = ["--task", "fsdd", "--model", "embedded", "--layer-sizes", "6,5", "--head-size", "4",
+             "--batch-size", "8", "--epochs", "2", "--no-progress"]
+
+
+def test_features_pad_in_front_and_truncate():
+    short = classify.fsdd_features(np.sin(np.arange(128 * 10) * 0.5))
+    assert short.shape == (classify.FSDD_FRAMES, 64)
+    assert not short[:-10].any() and short[-10:].any()  # the recording's end is the last step
+    long = classify.fsdd_features(np.random.default_rng(0).normal(size=128 * 100))
+    assert long.shape == (classify.FSDD_FRAMES, 64) and long.all()
+
+
+def test_paper_network_trains_and_exports_to_c_that_matches(tmp_path, capsys):
+    """Quantisation-aware training in the Q15 ranges, then ``egru export-c``: the C library
+    compiles warning-free and its check program finds every value equal to the Q15 engine's,
+    whose classes are those of the float model wherever its margin is clear."""
+    run = tmp_path / "run"
+    assert cli.main(["train", "classify", "--run-dir", str(run), *PAPER_NET, "--quantize", "paper",
+                     "--q15-ranges"]) == 0
+    assert "embedded: test accuracy" in capsys.readouterr().out
+    model = classify.load_classifier(run / "best.pt")
+    assert [layer.rnn.hidden_size for layer in model.layers] == [6, 5]
+    assert isinstance(model.readout[1], classify.ClippedReLU)
+
+    out = tmp_path / "c"
+    assert cli.main(["export-c", str(run / "best.pt"), "--out", str(out), "--name", "kws", "--vectors", "5"]) == 0
+    assert "bytes of weights and biases" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {"kws.h", "kws.c", "kws_vectors.h", "kws_check.c"}
+    assert "float" not in (out / "kws.c").read_text() and "double" not in (out / "kws.c").read_text()
+
+    x, y = generated_tones().splits["test"]
+    engine = classify.to_q15(model)
+    with torch.no_grad():
+        logits = model(x.transpose(0, 1))[0].numpy()
+    q_classes = engine.classify(q15.to_q15(x.numpy().transpose(1, 0, 2)))
+    top = np.sort(logits, axis=1)
+    clear = top[:, -1] - top[:, -2] > 0.05
+    assert np.array_equal(q_classes[clear], logits[clear].argmax(1))
+    if CC is None:
+        pytest.skip("no C compiler (cc, gcc or clang) on PATH")
+    binary = tmp_path / "check"
+    subprocess.run([CC, "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2", "-o", str(binary),
+                    str(out / "kws.c"), str(out / "kws_check.c")], check=True, capture_output=True, text=True)
+    report = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert report.returncode == 0 and "mismatches: 0 of 56 values" in report.stdout  # 7 × (5 + 3)
+    classes = [int(line.split()[-1]) for line in report.stdout.splitlines() if line.startswith("sequence")]
+    assert classes[:5] == engine.classify(q15.to_q15(x[:5].numpy().transpose(1, 0, 2))).tolist()
+
+
+def test_export_refuses_float_only_models_and_options_are_checked(tmp_path, capsys):
+    run = tmp_path / "gru"
+    assert cli.main(["train", "classify", "--run-dir", str(run), *PAPER_NET, "--model", "gru",
+                     "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["export-c", str(run / "best.pt"), "--out", str(tmp_path / "c")]) == 2
+    assert "float-only" in capsys.readouterr().err
+    assert cli.main(["train", "classify", "--run-dir", str(tmp_path / "no"), "--model", "gru",
+                     "--quantize", "paper"]) == 2
+    assert "options of the embedded model" in capsys.readouterr().err
+    assert cli.main(["train", "classify", "--run-dir", str(tmp_path / "no"), "--layer-sizes", "30,x"]) == 2
+    assert "layer_sizes must be comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_fsdd_task_on_the_real_recordings():
+    root = os.environ.get("EGRU_DATA_DIR")
+    if not root or not (Path(root) / "fsdd" / "SHA256SUMS").is_file():
+        pytest.skip("EGRU_DATA_DIR is not set to a directory holding fsdd/")
+    sequences = classify.load_fsdd_task(root)
+    (x, y), (x_test, y_test) = sequences.splits["train"], sequences.splits["test"]
+    assert x.shape == (2700, 64, 64) and x_test.shape == (300, 64, 64)
+    assert sorted(torch.bincount(y_test).tolist()) == [30] * 10
+    assert sorted(torch.bincount(y).tolist()) == [270] * 10
+    assert float((x > 1).float().mean()) < 1e-3  # the gain keeps nearly every value in Q15's range
