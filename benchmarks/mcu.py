@@ -6,8 +6,9 @@ emulated board and instructions per step next to a float32 GRU's.
     python benchmarks/mcu.py --runs RUNS --out docs/mcu.json
 
 RUNS holds runs of ``egru train classify --task fsdd --layer-sizes 30,20 --head-size 16``
-named ``gru``, ``float`` (--model embedded), ``qat`` and ``qat-scratch`` (quantisation-aware);
-those missing are left out (see docs/mcu.md for the commands).
+named ``gru``, ``float`` (--model embedded), ``qat`` (--quantize paper --q15-ranges) and
+``qat-late`` (the same with --quantize-start 0.5); those missing are left out (docs/mcu.md has
+the commands). The Cortex-M0 figures are of ``qat``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from egru.mcu import device, export_c, q15, write_test_vectors
 from egru.recipes import classify
 
 ROOT = Path(__file__).resolve().parent
-RUNS = ("gru", "float", "qat", "qat-scratch")
+RUNS = ("gru", "float", "qat", "qat-late")
 DEVICE_VECTORS = 20  # test sequences checked on the emulated board (its flash holds the vectors)
 COUNTED_STEPS = 4  # steps whose instructions are counted (the difference to a run of none)
 
@@ -68,12 +69,13 @@ def steps_program(engine, frames: np.ndarray, folder: Path) -> Path:
     source.write_text(f"""#include "kws.h"
 static const int16_t frames[{len(frames)}][KWS_INPUT] = {{
     {values}}};
+static volatile int steps = STEPS; /* volatile: the same code for every count */
 int main(void) {{
     int16_t state[KWS_STATE];
     int32_t logits[KWS_CLASSES];
     int t;
     kws_reset(state);
-    for (t = 0; t < STEPS; t++) kws_step(frames[t], state);
+    for (t = 0; t < steps; t++) kws_step(frames[t], state);
     return kws_classify(state, logits) > 99;
 }}
 """)
@@ -115,12 +117,95 @@ def on_device(engine, inputs: np.ndarray, gru_sizes: tuple, folder: Path) -> dic
     return report
 
 
+LABELS = {"gru": "GRU (torch.nn.GRU), float32", "float": "embedded eGRU, float",
+          "qat": "embedded eGRU, quantisation-aware",
+          "qat-late": "embedded eGRU, float for half the steps, then quantisation-aware"}
+
+
+def _percent(value) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def markdown(results: dict) -> str:
+    """The accuracy table and the size-and-cost table of docs/mcu.md."""
+    runs = results["runs"]
+    lines = [f"FSDD test set ({results['test_sequences']} recordings, official split), one run each:",
+             "", "| model | float | Q15 engine (Python) | recordings the engine classifies unlike float "
+             "| C on this machine | C = engine, values differing |",
+             "|---|---|---|---|---|---|"]
+    for name in RUNS:
+        if name not in runs:
+            continue
+        r = runs[name]
+        same = "—" if "c_mismatches" not in r else f"{'yes' if r['c_equals_q15_classes'] else 'no'}, {r['c_mismatches']}"
+        lines.append(f"| {LABELS[name]} | {_percent(r['float_accuracy'])} | {_percent(r.get('q15_accuracy'))} | "
+                     f"{r.get('q15_classes_unlike_float', '—')} | {_percent(r.get('c_accuracy'))} | {same} |")
+    if "gru" not in runs or "qat" not in runs:
+        return "\n".join(lines) + "\n"
+    gru, qat = runs["gru"], runs["qat"]
+    ops = qat["operations_per_step"]
+    lines += ["", "Size and cost of the recurrent layers 30 → 20 (and the head 16 → 10) per step:", "",
+              "| | float32 GRU | embedded eGRU, Q15 | ratio |", "|---|---|---|---|",
+              f"| model bytes (weights and biases) | {gru['float32_bytes']:,} | {qat['stored_bytes']:,} | "
+              f"{gru['float32_bytes'] / qat['stored_bytes']:.1f}× |",
+              f"| operations per step | {gru['macs_per_step']:,} float MACs, {gru['nonlinearities_per_step']} "
+              f"sigmoid/tanh | {ops['shift_adds']:,} shift-adds (nonzero of {ops['weights']:,} weights), "
+              f"{ops['divisions']} divisions | |"]
+    device_run = qat.get("cortex_m0")
+    if device_run:
+        e, g = device_run["egru_program"], device_run["gru_program"]
+        lines += [f"| Cortex-M0+ program flash (text + data; the GRU's with newlib's expf, tanhf and soft float) | "
+                  f"{g['text'] + g['data']:,} | {e['text'] + e['data']:,} | "
+                  f"{(g['text'] + g['data']) / (e['text'] + e['data']):.1f}× |",
+                  f"| instructions per step (QEMU, emulated Cortex-M0) | {device_run['gru_instructions_per_step']:,.0f} | "
+                  f"{device_run['egru_instructions_per_step']:,.0f} | "
+                  f"{device_run['gru_instructions_per_step'] / device_run['egru_instructions_per_step']:.1f}× |",
+                  "", f"Test vectors on the emulated Cortex-M0 ({DEVICE_VECTORS} test recordings and 2 saturating "
+                  f"sequences): `{device_run['check']}` (exit status {device_run['check_exit_status']})."]
+    return "\n".join(lines) + "\n"
+
+
+def _lower(points: float) -> str:
+    return f"{abs(points):.1f} points {'lower' if points >= 0 else 'higher'}"
+
+
+def targets(results: dict) -> str:
+    """The issue's targets against the measured runs ("qat" the deployed model)."""
+    runs = results["runs"]
+    gru, emb, qat = runs["gru"], runs["float"], runs["qat"]
+    float_gap = 100 * (gru["float_accuracy"] - emb["float_accuracy"])
+    q15_gap = 100 * (emb["float_accuracy"] - qat["q15_accuracy"])
+    ratio = gru["float32_bytes"] / qat["stored_bytes"]
+    device_run = qat.get("cortex_m0")
+    device_line = ("not measured (no Arm toolchain and QEMU)" if device_run is None else
+                   f"`{device_run['check']}` on the emulated Cortex-M0")
+    rows = [
+        ("float embedded eGRU within 2 points of the float GRU",
+         f"{_percent(emb['float_accuracy'])} against {_percent(gru['float_accuracy'])} ({_lower(float_gap)})",
+         float_gap <= 2),
+        ("3-bit Q15 model within 3 points of the float embedded eGRU",
+         f"{_percent(qat['q15_accuracy'])} (engine), {_percent(qat['c_accuracy'])} (C) against "
+         f"{_percent(emb['float_accuracy'])} ({_lower(q15_gap)})", q15_gap <= 3),
+        ("exported model ≥ 8× smaller than the float32 GRU", f"{ratio:.1f}×", ratio >= 8),
+        ("C = Python engine, zero mismatches",
+         f"{qat['c_mismatches']} values differ on the host; {device_line}",
+         qat["c_mismatches"] == 0 and (device_run is None or device_run["check_exit_status"] == 0)),
+    ]
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {target} | {measured} | {'yes' if met else 'no'} |" for target, measured, met in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--runs", type=Path)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None, help="print the tables of this JSON file")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     x, y = classify.load_fsdd_task(args.data_dir).splits["test"]
     inputs = q15.to_q15(x.numpy())  # (N, T, I)
     labels = y.numpy()
@@ -138,6 +223,7 @@ def main() -> None:
             engine = classify.to_q15(model)
             q_classes = engine.classify(inputs.transpose(1, 0, 2))
             entry["q15_accuracy"] = float((q_classes == labels).mean())
+            entry["q15_classes_unlike_float"] = int((q_classes != float_classes).sum())
             with tempfile.TemporaryDirectory() as scratch:
                 mismatches, c_classes = host_c(engine, inputs, Path(scratch))
                 entry["stored_bytes"] = export_c(engine, scratch, "kws")["stored_bytes"]
@@ -155,6 +241,7 @@ def main() -> None:
         print(name, json.dumps({k: v for k, v in entry.items() if k != "config"}, indent=1))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The recipes' recurrent cores: one interface for the EGRU, GRU and LSTM."""
+"""The recipes' recurrent cores: one interface for the EGRU, GRU, LSTM and embedded eGRU."""
 
 import pytest
 import torch
@@ -38,9 +38,22 @@ def test_every_core_accounts_its_macs(model):
         assert stats.effective_macs < stats.dense_macs
     else:  # a dense layer does one MAC per weight entry per step
         rnn = core.rnn
-        entries = rnn.weight_ih_l0.numel() + rnn.weight_hh_l0.numel()
+        if model == "embedded":
+            entries = sum(c.weight_z.numel() + c.weight_h.numel() for c in rnn.cells)
+        else:
+            entries = rnn.weight_ih_l0.numel() + rnn.weight_hh_l0.numel()
         assert stats.effective_macs == stats.dense_macs == entries * 7 * 2
         assert stats.activity == stats.backward_activity == 1
+
+
+def test_a_quantised_embedded_core_counts_only_its_nonzero_weights():
+    core = make_core(CoreConfig(model="embedded", quantize="paper"), 3, 5)  # ±1/√5: some below ¼
+    x = torch.randn(7, 2, 3)
+    stats = core.stats(core(x, core.initial_state(2, x), record=True)[2])
+    weight_z, weight_h = core.rnn.cells[0].weights()
+    nonzero = int(weight_z.ne(0).sum() + weight_h.ne(0).sum())
+    assert 0 < nonzero < 2 * 5 * 8
+    assert stats.effective_macs == nonzero * 7 * 2 < stats.dense_macs
 
 
 @pytest.mark.parametrize("model", ["gru", "lstm"])

@@ -112,3 +112,47 @@ def test_fsdd_task_on_the_real_recordings():
     assert sorted(torch.bincount(y_test).tolist()) == [30] * 10
     assert sorted(torch.bincount(y).tolist()) == [270] * 10
     assert float((x > 1).float().mean()) < 1e-3  # the gain keeps nearly every value in Q15's range
+
+
+def test_q15_ranges_make_the_float_model_compute_what_the_engine_does_on_loud_inputs():
+    """Inputs far outside [−1, 1): with q15_ranges the float model clips them as the engine
+    saturates them, and their logits agree; without it they do not."""
+    torch.manual_seed(0)
+    x = torch.rand(20, 16, 7) * 6 - 3
+    errors = {}
+    for clip in (False, True):
+        cfg = classify.ClassifyConfig(model="embedded", layer_sizes="8,6", head_size=5, quantize="paper",
+                                      q15_ranges=clip)
+        torch.manual_seed(1)
+        model = classify.Classifier(cfg, 7, 4).double()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(3)
+            logits = model(x.double())[0].numpy()
+        engine = classify.to_q15(model)
+        errors[clip] = np.abs(q15.from_q15(engine.logits(q15.to_q15(x.numpy()))) - logits).max()
+    assert errors[True] < 0.05 < errors[False], errors
+
+
+def test_quantisation_starts_where_the_schedule_says(tmp_path):
+    """--quantize-start 0.5: float for the first half of the steps, 3-bit weights after."""
+    seen = []
+    from egru.recipes import cores
+
+    schedule = cores.EmbeddedCore.schedule
+
+    def spy(self, progress):
+        schedule(self, progress)
+        seen.append((round(progress, 2), self.rnn.cells[0].quantize))
+
+    cores.EmbeddedCore.schedule = spy
+    try:
+        assert cli.main(["train", "classify", "--run-dir", str(tmp_path / "run"), *PAPER_NET, "--quantize",
+                         "authors", "--quantize-start", "0.5", "--layer-sizes", "4"]) == 0
+    finally:
+        cores.EmbeddedCore.schedule = schedule
+    before, after = [q for p, q in seen if p < 0.5], [q for p, q in seen if p >= 0.5]
+    assert before and after and set(before) == {None} and set(after) == {"authors"}
+    assert classify.load_classifier(tmp_path / "run" / "best.pt").layers[0].rnn.cells[0].quantize == "authors"
+    with pytest.raises(ValueError, match="quantize_start needs a quantize rule"):
+        classify.ClassifyConfig(model="embedded", quantize_start=0.5)

@@ -1,11 +1,13 @@
 /* A float32 GRU (torch.nn.GRU's equations, gates r, z, n) of two layers, for the instruction
-   count of one step next to the embedded eGRU's: same layer sizes, weights of no particular
-   value (the count does not depend on them). Sizes: -DINPUT=, -DHIDDEN0=, -DHIDDEN1=; -DSTEPS=
+   count of one step next to the embedded eGRU's: the same layer sizes, random weights in flash
+   (the count hardly depends on their values). float_gru_weights.h, written by
+   benchmarks/mcu.py, defines INPUT, HIDDEN0, HIDDEN1, the weights and an input x; -DSTEPS=
    steps are run. */
 #include <math.h>
 #include <stdint.h>
 
-#define MAX_IN (INPUT > HIDDEN0 ? INPUT : HIDDEN0)
+#include "float_gru_weights.h"
+
 #define MAX_H (HIDDEN0 > HIDDEN1 ? HIDDEN0 : HIDDEN1)
 
 static float h0[HIDDEN0], h1[HIDDEN1];
@@ -31,9 +33,11 @@ static void gru_step(const float *w_ih, const float *w_hh, const float *b, int i
     }
 }
 
+static volatile int steps = STEPS; /* volatile: the same code for every count */
+
 int main(void) {
     int t;
-    for (t = 0; t < STEPS; t++) {
+    for (t = 0; t < steps; t++) {
         gru_step(w_ih0, w_hh0, b0, INPUT, HIDDEN0, x, h0);
         gru_step(w_ih1, w_hh1, b1, HIDDEN0, HIDDEN1, h0, h1);
     }

@@ -13,6 +13,11 @@ the event-based EGRU.
   bit-exact statement of what a device computes, and the converter from a float model.
 * :mod:`.export`: :func:`export_c` writes that engine as a self-contained C99 library,
   :func:`write_test_vectors` inputs with the engine's outputs and a program that checks them.
+* :mod:`.device` (optional, imported on its own): the export built for a Cortex-M0+ and run on
+  QEMU's emulated Cortex-M0, with instruction counts.
+
+Keyword spotting with it: ``egru train classify --task fsdd --model embedded`` and
+``egru export-c`` (docs/mcu.md).
 """
 
 from .export import export_c, write_test_vectors

@@ -77,17 +77,25 @@ static int32_t softsign(int32_t v) {
     return v < 0 ? -r : r;
 }
 
-/* bias + sum_k w_k u_k for row `row` of packed codes over fan_in inputs */
+/* bias + sum_k w_k u_k for row `row` of packed codes over fan_in inputs. The codes are read
+   word by word: one division per row, none per weight (a Cortex-M0 divides in software). */
 static int32_t preactivation(const uint32_t *codes, const int32_t *bias, int row, int fan_in, const int16_t *u) {
+    uint32_t index = (uint32_t)row * (uint32_t)fan_in;
+    const uint32_t *word = codes + index / 10u;
+    uint32_t slot = index % 10u, bits = *word >> (3u * slot);
     int32_t total = 0;
     int k;
     for (k = 0; k < fan_in; k++) {
-        uint32_t index = (uint32_t)row * (uint32_t)fan_in + (uint32_t)k;
-        uint32_t code = (codes[index / 10u] >> (3u * (index % 10u))) & 7u;
-        uint32_t m = code & 3u;
+        uint32_t code = bits & 7u, m = code & 3u;
         if (m != 0u) {
             int32_t term = shift_right((int32_t)u[k], (int)(3u - m));
             total += (code & 4u) ? -term : term;
+        }
+        if (++slot == 10u) {
+            slot = 0u;
+            if (k + 1 < fan_in) bits = *++word; /* never past the array's last word */
+        } else {
+            bits >>= 3;
         }
     }
     return bias ? add_saturated(total, bias[row]) : total;
