@@ -133,7 +133,7 @@ def _train_lm(args) -> int:
 def _train_classify(args) -> int:
     from egru.recipes import classify
 
-    cfg = classify.ClassifyConfig(**_overrides(args))
+    cfg = dataclasses.replace(classify.preset(args.preset), **_overrides(args))
     result = classify.train_and_evaluate(cfg, args.run_dir, data_dir=args.data_dir, download=args.download,
                                          resume=args.resume, progress=not args.no_progress)
     return _finish(args, cfg.model, result, "accuracy", ".1%")
@@ -250,9 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_lm.set_defaults(run=_train_lm)
 
     train_classify = train.add_parser(
-        "classify", help="sequence classification (MNIST-1D, spoken digits)",
-        description="Train an EGRU, GRU, LSTM or embedded-eGRU sequence classifier. Shown in brackets: "
-                    "the defaults.")
+        "classify", help="sequence classification (MNIST-1D, sequential MNIST, spoken digits)",
+        description="Train an EGRU, GRU, LSTM or embedded-eGRU sequence classifier. Each option not "
+                    "given keeps the preset's value (without --preset, the defaults shown in brackets).")
+    train_classify.add_argument(
+        "--preset", default=None, type=_choice("preset", sorted(classify.PRESETS)), choices=sorted(classify.PRESETS),
+        help="the configuration to start from (default: none, the defaults below)")
     _run_arguments(train_classify)
     _data_arguments(train_classify)
     _config_arguments(train_classify, classify.ClassifyConfig, "classification", classify.ClassifyConfig(),

@@ -1,11 +1,15 @@
 """Sequence classification: a stack of recurrent cores and a linear readout, trained through the
 harness (:mod:`.harness`). ``egru demo`` trains an EGRU and a GRU side by side with it.
 
-Tasks (neither has a validation split: nothing is validated during training and ``best.pt`` is
+Tasks (none has a validation split: nothing is validated during training and ``best.pt`` is
 the final model):
 
 * ``mnist1d`` (Greydanus & Kobak), generated locally by the ``mnist1d`` package: 4,000 training
   and 1,000 test sequences of 40 steps, one value per step, 10 classes.
+* ``smnist`` and ``psmnist``, sequential MNIST (:func:`egru.data.load_mnist`, 60,000 training
+  and 10,000 test images): 784 steps of one pixel each, row by row, or in the fixed
+  bit-reversal order of :func:`bit_reversal_permutation` (the EGRU paper's code's permutation;
+  a checkpoint keeps it as ``pixel_order``).
 * ``fsdd``, keyword spotting on the Free Spoken Digit Dataset (:func:`egru.data.load_fsdd`;
   official split, 2,700 training and 300 test recordings, 10 digits): 8 kHz audio in windows
   of 128 samples without overlap, each window's FFT magnitudes in 64 bins (Amoh & Odame's
@@ -45,6 +49,7 @@ class Sequences:
 
     splits: dict
     num_classes: int
+    meta: dict = dataclasses.field(default_factory=dict)  # what a checkpoint keeps of the task
 
 
 def load_mnist1d(seed: int = 42) -> Sequences:
@@ -64,6 +69,30 @@ def load_mnist1d(seed: int = 42) -> Sequences:
     as_y = lambda a: torch.from_numpy(np.asarray(a)).long()  # noqa: E731
     return Sequences({"train": (as_x(raw["x"]), as_y(raw["y"])),
                       "test": (as_x(raw["x_test"]), as_y(raw["y_test"]))}, num_classes=10)
+
+
+MNIST_PIXELS = 784
+
+
+def bit_reversal_permutation(n: int) -> np.ndarray:
+    """A fixed permutation of ``range(n)``: the numbers ``0 … 2^m − 1`` (``m = ⌈log2 n⌉``) in
+    the order of their ``m``-bit binary digits read backwards, those ``≥ n`` left out. The
+    permuted sequential MNIST of the EGRU paper's code uses this one for the 784 pixels."""
+    bits = max(1, (n - 1).bit_length())
+    reversed_order = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(1 << bits)]
+    return np.array([i for i in reversed_order if i < n], dtype=np.int64)
+
+
+def load_pixel_mnist(data_dir=None, download: bool = False, permute: bool = False) -> Sequences:
+    """Sequential MNIST: each image as 784 steps of one pixel in [0, 1], row after row, or
+    with ``permute`` in the order of :func:`bit_reversal_permutation` (kept in ``meta``)."""
+    from egru.data import load_mnist
+
+    order = bit_reversal_permutation(MNIST_PIXELS) if permute else np.arange(MNIST_PIXELS)
+    index = torch.from_numpy(order)
+    splits = {split: ((images.reshape(len(images), MNIST_PIXELS)[:, index].float() / 255).unsqueeze(-1), labels)
+              for split, (images, labels) in load_mnist(data_dir, download).items()}
+    return Sequences(splits, num_classes=10, meta={"pixel_order": order.tolist()})
 
 
 FSDD_FRAMES = 64  # 1.02 s: longer than 99 % of the recordings
@@ -87,7 +116,12 @@ def load_fsdd_task(data_dir=None, download: bool = False) -> Sequences:
                       for split, (clips, labels) in splits.items()}, num_classes=10)
 
 
-TASKS = {"mnist1d": lambda data_dir=None, download=False: load_mnist1d(), "fsdd": load_fsdd_task}
+TASKS = {
+    "mnist1d": lambda data_dir=None, download=False: load_mnist1d(),
+    "fsdd": load_fsdd_task,
+    "smnist": load_pixel_mnist,
+    "psmnist": lambda data_dir=None, download=False: load_pixel_mnist(data_dir, download, permute=True),
+}
 
 
 @dataclass(frozen=True)
@@ -128,6 +162,24 @@ class ClassifyConfig(TrainConfig, CoreConfig):
         if self.layer_sizes is None:
             return [self.hidden_size] * self.num_layers
         return [int(p) for p in self.layer_sizes.split(",")]
+
+
+# Configurations of the papers' experiments (SPEC §6) and ones sized for two CPU cores.
+PAPER_SMNIST = dict(task="smnist", hidden_size=590, batch_size=500, eval_batch_size=1000, lr=1e-3,
+                    threshold_lr=1e-3, clip=0.25, epochs=200, constant_fraction=1.0)
+PRESETS = {
+    "paper-smnist": ClassifyConfig(**PAPER_SMNIST),  # EGRU 590 units, batch 500, Adam 1e-3, clip 0.25
+    "paper-psmnist": ClassifyConfig(**{**PAPER_SMNIST, "task": "psmnist"}),
+}
+
+
+def preset(name: Optional[str]) -> ClassifyConfig:
+    """The preset ``name``; the defaults for None."""
+    if name is None:
+        return ClassifyConfig()
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]
 
 
 class Classifier(nn.Module):
@@ -224,6 +276,7 @@ class ClassifyTask:
             self.data[split] = (x[:n].to(device), y[:n].to(device))
         self.splits = tuple(s for s in ("valid", "test") if s in self.data)
         self.num_classes, self.input_size = sequences.num_classes, self.data["train"][0].shape[-1]
+        self.meta = sequences.meta
         self.steps_per_epoch = -(-len(self.data["train"][0]) // cfg.batch_size)
         self.epoch_starts = [e * self.steps_per_epoch for e in range(cfg.epochs + 1)]
 
@@ -267,7 +320,7 @@ class ClassifyTask:
         return 1 - result["accuracy"]  # the error rate
 
     def checkpoint_state(self) -> dict:
-        return {"input_size": self.input_size, "num_classes": self.num_classes}
+        return {"input_size": self.input_size, "num_classes": self.num_classes, **self.meta}
 
     @torch.no_grad()
     def example_records(self, model: Classifier) -> list:

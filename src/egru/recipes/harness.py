@@ -322,6 +322,7 @@ def train(make_task, cfg: TrainConfig, run_dir, *, resume: bool = False, progres
     """
     run_dir = Path(run_dir)
     device = default_device()
+    joined = not dist.is_initialized()
     world = start_processes(device)
     if cfg.batch_size % world.size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world.size} processes")
@@ -335,7 +336,13 @@ def train(make_task, cfg: TrainConfig, run_dir, *, resume: bool = False, progres
         if dataclasses.replace(task.CONFIG(**ckpt["config"]), max_steps=cfg.max_steps) != cfg:
             raise ValueError("the run directory holds a run with a different configuration; "
                              "resume it without changing options other than --max-steps")
-    return Trainer(task, run_dir, device, world, ckpt, progress, tensorboard, plots, desc).run()
+    result = Trainer(task, run_dir, device, world, ckpt, progress, tensorboard, plots, desc).run()
+    if world.distributed and joined:
+        # Leave the group together: a process exiting while gloo's threads still talk to the
+        # others can abort ("terminate called without an active exception").
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 class Trainer:
