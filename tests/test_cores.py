@@ -15,7 +15,7 @@ def test_two_halves_with_the_state_handed_over_equal_one_call(model):
     out, final, _ = core(x, state)
     first, middle, _ = core(x[:4], state)
     second, end, _ = core(x[4:], middle)
-    assert out.shape == (7, 2, 5) and core.features(out).shape == (2, 5)
+    assert out.shape == (7, 2, 5) and core.features(out).shape == (7, 2, 5)
     torch.testing.assert_close(torch.cat([first, second]), out)
     for a, b in zip(tensors(end), tensors(final), strict=True):
         torch.testing.assert_close(a, b)

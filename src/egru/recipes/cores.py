@@ -3,7 +3,7 @@
 A core is one recurrent layer over time: ``core(x, state, record=False) -> (out, state, record)``
 with ``x`` of shape (T, B, I), ``out`` (T, B, H) and a state of (1, B, H) tensors that goes in and
 comes out; ``core.initial_state(B, like)`` is its zero state, ``core.features(out)`` what a
-readout of the whole sequence reads (B, H), ``core.stats(record)`` the call's
+readout reads at each step (T, B, H), ``core.stats(record)`` the call's
 :class:`egru.LayerStats` (activity, MACs). ``make_core(cfg, I, H)`` builds the one ``cfg.model``
 names: the EGRU, a ``torch.nn.GRU``/``LSTM`` baseline with DropConnect on its recurrent weights,
 or the embedded eGRU of :mod:`egru.mcu` (``embedded``; no events), optionally quantisation-aware.
@@ -84,8 +84,8 @@ class EventCore(egru.EGRU):
         return zero, zero.clone()
 
     def features(self, out: torch.Tensor) -> torch.Tensor:
-        # The events are sparse in time: a readout of the last step alone would see mostly zeros.
-        return egru.functional.output_trace(out)[-1]
+        # The events are sparse in time: a readout of one step's events would see mostly zeros.
+        return egru.functional.output_trace(out)
 
     def stats(self, record) -> egru.LayerStats:
         return egru.layer_stats(record)
@@ -130,7 +130,7 @@ class DenseCore(nn.Module):
         return (zero, zero.clone()) if isinstance(self.rnn, nn.LSTM) else zero  # (h, c) or h
 
     def features(self, out: torch.Tensor) -> torch.Tensor:
-        return out[-1]
+        return out
 
     def stats(self, record: DenseRecord) -> egru.LayerStats:
         return dense_layer_stats(self.rnn.input_size, self.rnn.hidden_size, record.steps, self.gates,
@@ -167,7 +167,7 @@ class EmbeddedCore(nn.Module):
         return like.new_zeros(1, batch_size, self.rnn.hidden_size)
 
     def features(self, out: torch.Tensor) -> torch.Tensor:
-        return out[-1]
+        return out
 
     def stats(self, record: DenseRecord) -> egru.LayerStats:
         return dense_layer_stats(self.rnn.input_size, self.rnn.hidden_size, record.steps, 2,
