@@ -9,7 +9,8 @@ or 1) and ``t`` (microseconds), the layout of the ``tonic`` library's DVS128 Ges
   ``tonic.datasets.DVSGesture``, from the files tonic downloads
   (``DVSGesture/ibmGestureTrain/userNN_<lighting>/<label>.npy``, and ``ibmGestureTest``).
 * :func:`synthetic_gestures`: DVS-like recordings of a bright blob moving along one of
-  :data:`GESTURES` on a 128 × 128 sensor, with sensor noise, deterministic from a seed. They
+  :data:`GESTURES` on a 128 × 128 sensor (rotated, scaled, at random speeds and phases), with
+  sensor noise and hot pixels, deterministic from a seed. They
   stand in for DVS128 Gesture on machines without it: results on them are always labelled
   synthetic.
 """
@@ -95,21 +96,26 @@ def to_frames(events: np.ndarray, duration: int, time_window: int = 25_000, sens
 
 
 def synthetic_gesture(label: int, rng: np.random.Generator, duration: int = 1_700_000,
-                      events_per_ms: float = 30.0, noise: float = 0.05, sensor=SENSOR) -> np.ndarray:
+                      events_per_ms: float = 30.0, noise: float = 0.25, sensor=SENSOR) -> np.ndarray:
     """One recording of gesture ``label`` (an index into :data:`GESTURES`): a blob of random
-    size and speed whose leading edge emits ON events (p = 1) and trailing edge OFF events,
-    plus a ``noise`` fraction of events at random pixels with random polarity; sorted by time."""
+    size whose leading edge emits ON events (p = 1) and trailing edge OFF events, along the
+    gesture's path rotated by up to ±25°, scaled, shifted, started at a random phase and run at
+    a random speed (so that a window may hold only part of it); plus a ``noise`` fraction of
+    events at random pixels with random polarity, a third of them from a few hot pixels.
+    Sorted by time."""
     width, height = sensor
     path = list(GESTURES.values())[label]
     radius = rng.uniform(6, 14)
-    speed = rng.uniform(0.8, 1.25)  # whole gestures per duration
-    start = rng.uniform(0, 0.2)
-    scale = rng.uniform(0.7, 1.0) * (min(width, height) / 2 - radius)
-    centre0 = np.array([width / 2, height / 2]) + rng.normal(0, 4, 2)
+    speed = rng.uniform(0.6, 1.3)  # whole gestures per duration
+    start = rng.uniform(0, 0.3)
+    scale = rng.uniform(0.6, 1.0) * (min(width, height) / 2 - radius)
+    turn = np.deg2rad(rng.uniform(-25, 25))
+    rotation = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+    centre0 = np.array([width / 2, height / 2]) + rng.normal(0, 6, 2)
     ms = duration // 1000
     s = np.clip(start + speed * np.arange(ms + 1) / ms, 0, 1)
-    cx, cy = (np.asarray(v, dtype=np.float64) * scale for v in path(s))
-    centres = centre0 + np.stack([cx, cy], axis=1)  # (ms + 1, 2)
+    path_points = np.stack([np.asarray(v, dtype=np.float64) * scale for v in path(s)], axis=1)
+    centres = centre0 + path_points @ rotation.T  # (ms + 1, 2)
     velocity = np.diff(centres, axis=0)  # (ms, 2) pixels per millisecond
     moving = np.linalg.norm(velocity, axis=1)
     counts = rng.poisson(events_per_ms * np.minimum(moving / (moving.mean() + 1e-9), 3))
@@ -121,12 +127,17 @@ def synthetic_gesture(label: int, rng: np.random.Generator, duration: int = 1_70
     polarity = (np.einsum("ij,ij->i", direction, velocity[step]) > 0).astype(np.int64)
     times = step * 1000 + rng.integers(0, 1000, len(step))
     inside = (position[:, 0] >= 0) & (position[:, 0] < width) & (position[:, 1] >= 0) & (position[:, 1] < height)
-    n_noise = rng.poisson(noise * max(len(step), 1))
-    events = np.empty(int(inside.sum()) + n_noise, dtype=EVENT_DTYPE)
     k = int(inside.sum())
+    n_noise = rng.poisson(noise * max(len(step), 1))
+    hot = rng.integers(0, [width, height], size=(4, 2))  # a few pixels that fire often
+    noise_x, noise_y = rng.integers(0, width, n_noise), rng.integers(0, height, n_noise)
+    from_hot = rng.random(n_noise) < 1 / 3
+    which = rng.integers(0, len(hot), n_noise)
+    noise_x[from_hot], noise_y[from_hot] = hot[which[from_hot], 0], hot[which[from_hot], 1]
+    events = np.empty(k + n_noise, dtype=EVENT_DTYPE)
     events["x"][:k], events["y"][:k] = position[inside, 0].astype(np.int64), position[inside, 1].astype(np.int64)
     events["p"][:k], events["t"][:k] = polarity[inside], times[inside]
-    events["x"][k:], events["y"][k:] = rng.integers(0, width, n_noise), rng.integers(0, height, n_noise)
+    events["x"][k:], events["y"][k:] = noise_x, noise_y
     events["p"][k:], events["t"][k:] = rng.integers(0, 2, n_noise), rng.integers(0, duration, n_noise)
     return events[np.argsort(events["t"], kind="stable")]
 
