@@ -257,7 +257,7 @@ def test_every_option_of_every_command_says_what_it_means_and_its_default():
                   "(cpu-small-egru: 0.003)", "(cpu-small-egru: no limit)"):
         assert shown in lm_help
     classify_help = commands["egru train classify"].format_help()
-    assert "--task {mnist1d,fsdd,smnist,psmnist}" in classify_help and "(default: 0.01)" in classify_help
+    assert "--task {mnist1d,fsdd,smnist,psmnist,dvs-gesture,synthetic-dvs}" in classify_help and "(default: 0.01)" in classify_help
 
 
 def test_messages_name_only_extras_that_exist():
