@@ -62,7 +62,12 @@ def test_two_steps_then_resume_equals_four_steps(generated_mnist, tmp_path):
 def test_presets_and_options_on_top(generated_mnist, tmp_path):
     paper = classify.preset("paper-smnist")
     assert (paper.hidden_size, paper.batch_size, paper.lr, paper.clip) == (590, 500, 1e-3, 0.25)
+    assert paper.pseudo_derivative_support == 1.0  # the paper's triangle for sequential MNIST
     assert classify.preset("paper-psmnist").task == "psmnist"
+    cpu = classify.preset("cpu-smnist")
+    assert (cpu.task, cpu.hidden_size, classify.preset("cpu-psmnist").task) == ("smnist", 128, "psmnist")
+    dvs = classify.preset("paper-dvs")
+    assert (dvs.task, dvs.hidden_size, dvs.readout, dvs.pseudo_derivative_support) == ("dvs-gesture", 795, "mean", 1.7)
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         classify.preset("nope")
     run = tmp_path / "run"

@@ -108,6 +108,13 @@ def _summary(name: str, result: dict, metric: str, fmt: str) -> str:
     if "influence_macs_per_token" in result[splits[-1]]:
         lines.append(f"  RTRL influence update: {result[splits[-1]]['influence_macs_per_token']:,.0f} "
                      "MACs/token in training")
+    if "neurobench" in result:  # the same model measured by NeuroBench (egru.neurobench: definitions)
+        nb = result["neurobench"]
+        ops = nb["SynapticOperations"]
+        lines.append(f"  NeuroBench, first {nb['sequences']} test sequences: activation sparsity "
+                     f"{nb['ActivationSparsity']:.1%}, connection sparsity {nb['ConnectionSparsity']:.1%}, "
+                     f"synaptic operations per sequence {ops['Effective_MACs']:,.0f} MACs + "
+                     f"{ops['Effective_ACs']:,.0f} ACs of {ops['Dense']:,.0f} dense")
     if "train_tokens_per_second" in result:
         lines.append(f"  training: {result['train_tokens_per_second']:,.0f} tokens/s")
     return "\n".join(lines)

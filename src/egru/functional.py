@@ -80,8 +80,22 @@ def cell_step(
     zoneout_mask: Optional[torch.Tensor] = None,
 ) -> StepOutput:
     """One EGRU step given the input part of the gates ``gi = W_i x_t + b_i`` (B, 3H)."""
-    y_prev, c_prev = state
-    _, z, n = gates(gi, F.linear(y_prev, weight_hh, bias_hh))
+    gh = F.linear(state.y, weight_hh, bias_hh)
+    return gated_step(gi, gh, state.c, threshold, surrogate, zoneout_p, zoneout_mask)
+
+
+def gated_step(
+    gi: torch.Tensor,
+    gh: torch.Tensor,
+    c_prev: torch.Tensor,
+    threshold: torch.Tensor,
+    surrogate,
+    zoneout_p: float = 0.0,
+    zoneout_mask: Optional[torch.Tensor] = None,
+) -> StepOutput:
+    """One EGRU step given both products, ``gi = W_i x_t + b_i`` and ``gh = W_h y_{t-1} + b_h``
+    (each (B, 3H)), and the internal state ``c_{t-1}``."""
+    _, z, n = gates(gi, gh)
     c_hat = zoneout(candidate_state(z, n, c_prev), c_prev, zoneout_p, zoneout_mask)
     y, c, e = fire(c_hat, threshold, surrogate)
     return StepOutput(EGRUState(y, c), e, c_hat)

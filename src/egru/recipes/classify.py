@@ -30,7 +30,9 @@ embedded model for :mod:`egru.mcu.q15` and C export.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import importlib.util
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,7 @@ import egru.mcu
 
 from . import harness
 from .common import check, option, positive_int
-from .cores import CoreConfig, core_config, make_core
+from .cores import CoreConfig, StepwiseCore, core_config, make_core
 from .harness import Batch, LayerTotals, TrainConfig
 
 
@@ -191,6 +193,8 @@ class ClassifyConfig(TrainConfig, CoreConfig):
     readout: str = option("last", "the logits of the last step, or the mean of every step's",
                           choices=("last", "mean"))
     frame_features: int = option(128, "frame tasks: features a small CNN makes of each frame")
+    neurobench: int = option(100, "after training, measure the first this many test sequences with "
+                                  "NeuroBench too, where it is installed (0: never)")
     train_size: Optional[int] = option(None, "use the first this many training sequences", type=int,
                                        none="all")
     test_size: Optional[int] = option(None, "use the first this many test sequences", type=int, none="all")
@@ -208,6 +212,7 @@ class ClassifyConfig(TrainConfig, CoreConfig):
             raise ValueError(f"unknown task {self.task!r}; expected one of {tuple(TASKS)}")
         for name in ("hidden_size", "num_layers", "frame_features"):
             check(self, name, "a positive integer", positive_int)
+        check(self, "neurobench", "a non-negative integer", lambda v: isinstance(v, int) and v >= 0)
         check(self, "readout", "'last' or 'mean'", lambda v: v in ("last", "mean"))
         check(self, "layer_sizes", "comma-separated positive integers or None",
               lambda v: v is None or (isinstance(v, str) and all(p.strip().isdigit() and int(p) > 0
@@ -224,10 +229,20 @@ class ClassifyConfig(TrainConfig, CoreConfig):
 
 # Configurations of the papers' experiments (SPEC §6) and ones sized for two CPU cores.
 PAPER_SMNIST = dict(task="smnist", hidden_size=590, batch_size=500, eval_batch_size=1000, lr=1e-3,
-                    threshold_lr=1e-3, clip=0.25, epochs=200, constant_fraction=1.0)
+                    threshold_lr=1e-3, clip=0.25, epochs=200, constant_fraction=1.0,
+                    pseudo_derivative_support=1.0)
+# Sized for about an hour on two CPU cores: 128 units, four epochs at a higher peak rate.
+CPU_SMNIST = dict(task="smnist", hidden_size=128, batch_size=128, eval_batch_size=1000, lr=2e-3,
+                  threshold_lr=2e-3, clip=0.25, epochs=4, constant_fraction=0.3, pseudo_derivative_support=1.0)
+# DVS128 Gesture as in the EGRU paper: a CNN per frame, 795 units, the readout averaged over time.
+PAPER_DVS = dict(task="dvs-gesture", hidden_size=795, readout="mean", batch_size=32, eval_batch_size=64,
+                 lr=1e-3, threshold_lr=1e-3, clip=0.25, epochs=200, pseudo_derivative_support=1.7)
 PRESETS = {
     "paper-smnist": ClassifyConfig(**PAPER_SMNIST),  # EGRU 590 units, batch 500, Adam 1e-3, clip 0.25
     "paper-psmnist": ClassifyConfig(**{**PAPER_SMNIST, "task": "psmnist"}),
+    "cpu-smnist": ClassifyConfig(**CPU_SMNIST),
+    "cpu-psmnist": ClassifyConfig(**{**CPU_SMNIST, "task": "psmnist"}),
+    "paper-dvs": ClassifyConfig(**PAPER_DVS),
 }
 
 
@@ -335,6 +350,27 @@ def evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor, batch_size: in
             "layers": layers.summary()}
 
 
+class BatchFirst(nn.Module):
+    """A classifier called as NeuroBench calls a model: a batch (B, T, ...) → logits (B, classes)."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.classifier(batch.transpose(0, 1))[0]
+
+
+def neurobench_figures(model: Classifier, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
+    """NeuroBench's figures (:func:`egru.neurobench.measure`) for a classifier of egru, gru or
+    lstm cores on sequences ``x`` (N, T, ...), computed by a step-by-step copy of it."""
+    from egru.neurobench import measure
+
+    stepwise = copy.deepcopy(model).eval()
+    stepwise.layers = nn.ModuleList(StepwiseCore(layer) for layer in model.layers)
+    return measure(BatchFirst(stepwise), x, y, batch_size)
+
+
 def model_from_checkpoint(ckpt: dict) -> Classifier:
     cfg = ClassifyConfig(**ckpt["config"])
     model = Classifier(cfg, ckpt["input_size"], ckpt["num_classes"], ckpt.get("frame_shape"))
@@ -422,11 +458,20 @@ def train_and_evaluate(cfg: ClassifyConfig, run_dir, *, sequences: Optional[Sequ
     """Train a classifier (see :func:`harness.train`); return its final evaluations.
     ``sequences``: the task's data when already loaded, else read from ``data_dir`` (FSDD)."""
 
-    def make_task(device, world):
-        return ClassifyTask(cfg, sequences or TASKS[cfg.task](data_dir=data_dir, download=download), device, world)
+    tasks = []
 
-    return harness.train(make_task, cfg, run_dir, resume=resume, progress=progress, tensorboard=tensorboard,
-                         plots=plots, desc=f"train {cfg.model}")
+    def make_task(device, world):
+        tasks.append(ClassifyTask(cfg, sequences or TASKS[cfg.task](data_dir=data_dir, download=download),
+                                  device, world))
+        return tasks[-1]
+
+    result = harness.train(make_task, cfg, run_dir, resume=resume, progress=progress, tensorboard=tensorboard,
+                           plots=plots, desc=f"train {cfg.model}")
+    if result and cfg.neurobench and cfg.model != "embedded" and importlib.util.find_spec("neurobench"):
+        x, y = (part[:cfg.neurobench].cpu() for part in tasks[-1].data["test"])
+        model = load_classifier(Path(run_dir) / "best.pt")
+        result["neurobench"] = {"sequences": len(x), **neurobench_figures(model, x, y, cfg.eval_batch_size)}
+    return result
 
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 import egru
 import egru.mcu
+import egru.neurobench
 from egru.sparsity import dense_layer_stats
 
 from .common import Checked, check, option
@@ -172,6 +173,25 @@ class EmbeddedCore(nn.Module):
     def stats(self, record: DenseRecord) -> egru.LayerStats:
         return dense_layer_stats(self.rnn.input_size, self.rnn.hidden_size, record.steps, 2,
                                  record.input_grad, record.weight_density)
+
+
+class StepwiseCore(nn.Module):
+    """A copy of an ``egru``, ``gru`` or ``lstm`` core computed one step at a time by modules
+    NeuroBench can hook (:func:`egru.neurobench.stepwise`); inference only, no statistics."""
+
+    def __init__(self, core: nn.Module):
+        super().__init__()
+        if not isinstance(core, (EventCore, DenseCore)):
+            raise ValueError(f"NeuroBench measures the egru, gru and lstm cores, not {type(core).__name__}")
+        self.events = isinstance(core, EventCore)
+        self.net = egru.neurobench.stepwise(core if self.events else core.rnn)
+
+    def forward(self, x, state=None, record: bool = False):
+        out, state = self.net(x, state)
+        return out, state, None
+
+    def features(self, out: torch.Tensor) -> torch.Tensor:
+        return EventCore.features(self, out) if self.events else out  # what the copied core reads
 
 
 CORES = {
