@@ -1,6 +1,7 @@
 """Wall-clock and peak memory of ``egru.EGRU`` backends against ``torch.nn.GRU`` / ``nn.LSTM``.
 
-For each batch size B and hidden size H (input size = H, T steps), the EGRU's thresholds are
+For each batch size B and hidden size H (input size I = H unless ``--input-size`` says
+otherwise, T steps), the EGRU's thresholds are
 searched so that the layer reaches a target activity on the benchmark input; the activity
 reported is the one measured from the record. Times are medians of repeated runs:
 forward (``torch.no_grad``, eval mode) and forward+backward (loss = sum of the output,
@@ -34,6 +35,7 @@ one forward+backward, above what was held before, from the profiler's memory eve
     python benchmarks/speed.py --support-k 10 ...         # a narrower surrogate support
     python benchmarks/speed.py --markdown speed.json      # a results file as a markdown table
     python benchmarks/speed.py --busy 2 ...               # beside two CPU-bound processes
+    python benchmarks/speed.py --input-size 1 --steps 784 # sequential MNIST's shape
     python benchmarks/speed.py --weight-density 0.1 1.0   # pruned to 10 % of the weights too
     python benchmarks/speed.py --load-table q.json b.json # quiet against busy forward times
 
@@ -227,17 +229,18 @@ def compressed_fraction(model) -> float:
 
 
 def run(batches, hiddens, activities, backends, steps, repeats, reference_max_hidden, inputs,
-        support_k=1.0, weight_densities=(1.0,)):
+        support_k=1.0, weight_densities=(1.0,), input_size=None):
     rows = []
     for H in hiddens:
+        I = input_size or H
         for B in batches:
             torch.manual_seed(0)
-            x_dense = torch.randn(steps, B, H)
-            gru = torch.nn.GRU(H, H)
-            lstm = torch.nn.LSTM(H, H)
+            x_dense = torch.randn(steps, B, I)
+            gru = torch.nn.GRU(I, H)
+            lstm = torch.nn.LSTM(I, H)
             for mode in inputs:
                 input_grad = mode == "sparse"  # a stacked layer passes its gradient down
-                base = {"B": B, "H": H, "T": steps, "input": mode, "input_grad": input_grad}
+                base = {"B": B, "H": H, "I": I, "T": steps, "input": mode, "input_grad": input_grad}
                 gru_row = {**base, "model": "nn.GRU",
                            **time_model(gru, x_dense, repeats, input_grad=input_grad)}
                 rows.append(gru_row)
@@ -383,6 +386,8 @@ def main(argv=None) -> None:
                         help="fractions of the EGRU's weights kept, pruned by magnitude with "
                              "egru.prune (1.0: not pruned); nn.GRU stays dense")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="input features (default: H); sequential MNIST has 1")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reference-max-hidden", type=int, default=256,
@@ -419,7 +424,8 @@ def main(argv=None) -> None:
     print(json.dumps(info))
     with busy_cores(args.busy):
         rows = run(args.batch, args.hidden, args.activity, args.backends, args.steps, args.repeats,
-                   args.reference_max_hidden, args.input, args.support_k, args.weight_density)
+                   args.reference_max_hidden, args.input, args.support_k, args.weight_density,
+                   args.input_size)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"machine": info, "args": vars(args), "rows": rows}, f, indent=1)

@@ -78,6 +78,18 @@ def test_a_validation_split_chooses_best_pt(tmp_path):
     assert result["valid"]["accuracy"] == best["accuracy"]
 
 
+def test_held_out_training_sequences_validate_and_draw_the_accuracy_curve(tmp_path):
+    result = classify_run(tmp_path, epochs=2, valid_size=8, neurobench=0)
+    valid = records(tmp_path, "valid")
+    assert [(r["step"], r["sequences"]) for r in valid] == [(4, 8), (8, 8)]  # 32 sequences left: 4 steps
+    train = records(tmp_path, "train")
+    assert all(0 <= r["accuracy"] <= 1 for r in train) and len({r["accuracy"] for r in train}) > 1
+    assert result["valid"]["sequences"] == 8 and result["test"]["sequences"] == 16
+    assert (tmp_path / "accuracy.png").exists() and (tmp_path / "loss.png").exists()
+    with pytest.raises(ValueError, match="valid_size 40 leaves none of mnist1d's 40"):
+        classify_run(tmp_path / "none", valid_size=40)
+
+
 def test_train_classify_command(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", "classify", "--run-dir", str(run), "--max-steps", "2", "--hidden-size", "6",

@@ -24,7 +24,7 @@ A task has:
 * ``evaluate(model, split, progress, stop) -> dict | None`` (None: ``stop()`` turned true) with
   ``"loss"`` and ``"layers"``; ``score(result)``: lower is better;
 * ``checkpoint_state()`` (every process calls it) and ``model_from_checkpoint(ckpt)``;
-* ``curve``: (metric, y scale) of the plotted learning curve; ``example_records(model)``: the
+* ``curves``: (metric, y scale) of each plotted learning curve; ``example_records(model)``: the
   per-layer records of one test sequence, for the event raster.
 """
 

@@ -263,7 +263,7 @@ class LanguageModelTask:
     KEYS = ("config", "vocab_size", "model", "optimizer", "position", "rng", "carried_state")
     CONFIG = LMConfig
     splits = ("valid", "test")
-    curve = ("perplexity", "log")
+    curves = (("perplexity", "log"),)
     model_from_checkpoint = staticmethod(model_from_checkpoint)
 
     def __init__(self, cfg: LMConfig, corpus, device, world: harness.World):

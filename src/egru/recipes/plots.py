@@ -14,13 +14,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_run(run_dir, task, model, units: int = 48) -> list:
-    """The learning curve (``<metric>.png``), ``activity.png`` (when some layer was not always
+    """The learning curves (``<metric>.png`` for each of ``task.curves``), ``activity.png`` (when some layer was not always
     fully active) and ``raster.png`` (when the model has event-based layers) in ``run_dir``;
     returns their paths."""
     run_dir = Path(run_dir)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
-    paths = [plot_curve(run_dir, records, *task.curve, title=task.title)]
+    paths = [plot_curve(run_dir, records, metric, yscale, task.title) for metric, yscale in task.curves
+             if any(metric in r for r in records if r["split"] in ("train", "valid"))]
     activity = [layer["activity"] for r in records for layer in r.get("layers", {}).values()]
     if any(a < 1 for a in activity):
         paths.append(plot_activity(run_dir, records))
