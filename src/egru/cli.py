@@ -116,7 +116,9 @@ def _summary(name: str, result: dict, metric: str, fmt: str) -> str:
                      f"synaptic operations per sequence {ops['Effective_MACs']:,.0f} MACs + "
                      f"{ops['Effective_ACs']:,.0f} ACs of {ops['Dense']:,.0f} dense")
     if "train_tokens_per_second" in result:
-        lines.append(f"  training: {result['train_tokens_per_second']:,.0f} tokens/s")
+        sequences = (f", {result['train_sequences_per_second']:,.1f} sequences/s"
+                     if "train_sequences_per_second" in result else "")
+        lines.append(f"  training: {result['train_tokens_per_second']:,.0f} tokens/s{sequences}")
     return "\n".join(lines)
 
 

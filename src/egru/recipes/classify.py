@@ -482,6 +482,9 @@ def train_and_evaluate(cfg: ClassifyConfig, run_dir, *, sequences: Optional[Sequ
 
     result = harness.train(make_task, cfg, run_dir, resume=resume, progress=progress, tensorboard=tensorboard,
                            plots=plots, desc=f"train {cfg.model}")
+    if result:
+        steps = tasks[-1].data["train"][0].shape[1]
+        result["train_sequences_per_second"] = result["train_tokens_per_second"] / steps
     if result and cfg.neurobench and cfg.model != "embedded" and importlib.util.find_spec("neurobench"):
         x, y = (part[:cfg.neurobench].cpu() for part in tasks[-1].data["test"])
         model = load_classifier(Path(run_dir) / "best.pt")
