@@ -13,6 +13,11 @@ the event-based EGRU.
   bit-exact statement of what a device computes, and the converter from a float model.
 * :mod:`.export`: :func:`export_c` writes that engine as a self-contained C99 library,
   :func:`write_test_vectors` inputs with the engine's outputs and a program that checks them.
+* :mod:`.egru_q15` and :mod:`.egru_export`: the event-based :class:`egru.EGRU` itself (not the
+  embedded eGRU) in fixed point, :class:`EGRUQ15` converted from a trained module with an
+  optional linear readout, and :func:`export_egru_c`, an event-driven C99 library whose
+  recurrent products add only the weight columns of units that fired, with
+  :func:`write_egru_test_vectors`.
 * :mod:`.device` (optional, imported on its own): the export built for a Cortex-M0+ and run on
   QEMU's emulated Cortex-M0, with instruction counts.
 
@@ -20,9 +25,11 @@ Keyword spotting with it: ``egru train classify --task fsdd --model embedded`` a
 ``egru export-c`` (docs/mcu.md).
 """
 
+from .egru_export import export_egru_c, write_egru_test_vectors
+from .egru_q15 import EGRUQ15
 from .export import export_c, write_test_vectors
 from .functional import QUANTIZERS, dequantize, quantization_codes, quantize, softsign
 from .modules import EmbeddedGRU, EmbeddedGRUCell
 
-__all__ = ["EmbeddedGRU", "EmbeddedGRUCell", "QUANTIZERS", "dequantize", "export_c", "quantization_codes",
-           "quantize", "softsign", "write_test_vectors"]
+__all__ = ["EGRUQ15", "EmbeddedGRU", "EmbeddedGRUCell", "QUANTIZERS", "dequantize", "export_c", "export_egru_c",
+           "quantization_codes", "quantize", "softsign", "write_egru_test_vectors", "write_test_vectors"]
