@@ -14,9 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_run(run_dir, task, model, units: int = 48) -> list:
-    """The learning curves (``<metric>.png`` for each of ``task.curves``), ``activity.png`` (when some layer was not always
-    fully active) and ``raster.png`` (when the model has event-based layers) in ``run_dir``;
-    returns their paths."""
+    """The learning curves (``<metric>.png`` for each of ``task.curves`` that was logged),
+    ``activity.png`` (when some layer was not always fully active) and ``raster.png`` (when the
+    model has event-based layers) in ``run_dir``; returns their paths."""
     run_dir = Path(run_dir)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
