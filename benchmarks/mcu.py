@@ -32,15 +32,16 @@ DEVICE_VECTORS = 20  # test sequences checked on the emulated board (its flash h
 COUNTED_STEPS = 4  # steps whose instructions are counted (the difference to a run of none)
 
 
-def host_c(engine, inputs: np.ndarray, folder: Path) -> tuple:
-    """Export, write ``inputs`` as test vectors, compile and run the check program on this
-    machine: (mismatches, classes)."""
-    export_c(engine, folder, "kws")
-    write_test_vectors(engine, inputs, folder, "kws")
+def host_c(engine, inputs: np.ndarray, folder: Path, export=export_c, vectors=write_test_vectors,
+           flags=()) -> tuple:
+    """Export (by ``export``), write ``inputs`` as test vectors (by ``vectors``), compile (with
+    ``flags``) and run the check program on this machine: (mismatches, classes)."""
+    export(engine, folder, "kws")
+    vectors(engine, inputs, folder, "kws")
     cc = shutil.which("cc") or shutil.which("gcc")
     binary = folder / "check"
-    subprocess.run([cc, "-std=c99", "-O2", "-o", str(binary), str(folder / "kws.c"), str(folder / "kws_check.c")],
-                   check=True)
+    subprocess.run([cc, "-std=c99", "-O2", *flags, "-o", str(binary), str(folder / "kws.c"),
+                    str(folder / "kws_check.c")], check=True)
     out = subprocess.run([str(binary)], capture_output=True, text=True).stdout.splitlines()
     classes = [int(line.split()[-1]) for line in out if line.startswith("sequence")]
     return int(out[-1].split()[1]), np.array(classes)

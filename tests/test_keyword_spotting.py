@@ -88,6 +88,50 @@ def test_paper_network_trains_and_exports_to_c_that_matches(tmp_path, capsys):
     assert classes[:5] == engine.classify(q15.to_q15(x[:5].numpy().transpose(1, 0, 2))).tolist()
 
 
+def test_event_based_egru_trains_and_exports_to_c_that_matches(tmp_path, capsys):
+    """The EGRU keyword model (``--model egru``, two layers, the readout on the output trace):
+    ``egru export-c`` writes the event-driven library, whose check program finds every value
+    equal to the fixed-point engine's, also when compiled to compute densely; the engine's
+    classes are the float model's wherever its margin is clear, and a head is refused."""
+    run = tmp_path / "egru"
+    assert cli.main(["train", "classify", "--run-dir", str(run), "--task", "fsdd", "--model", "egru",
+                     "--layer-sizes", "6,6", "--batch-size", "8", "--epochs", "2", "--no-progress",
+                     "--neurobench", "0"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "c"
+    assert cli.main(["export-c", str(run / "best.pt"), "--out", str(out), "--name", "ev", "--vectors", "5"]) == 0
+    assert "recurrent layers [6, 6]" in capsys.readouterr().out
+    assert "float" not in (out / "ev.c").read_text() and "double" not in (out / "ev.c").read_text()
+
+    model = classify.load_classifier(run / "best.pt")
+    (x_train, _), (x, _) = generated_tones().splits.values()
+    engine = classify.to_q15(model, classify.input_exponent(x_train))
+    assert engine.input_exponent == 3 and engine.trace is not None  # the tones' features reach 4.7
+    with torch.no_grad():
+        logits = model(x.transpose(0, 1))[0].numpy()
+    q_classes = engine.classify(classify.fixed_point_inputs(engine, x).transpose(1, 0, 2))
+    top = np.sort(logits, axis=1)
+    clear = top[:, -1] - top[:, -2] > 0.05
+    assert clear.sum() >= 3 and np.array_equal(q_classes[clear], logits[clear].argmax(1))
+    if CC is not None:
+        for dense in ([], ["-DEGRU_DENSE"]):
+            binary = tmp_path / "check"
+            subprocess.run([CC, "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2", *dense, "-o",
+                            str(binary), str(out / "ev.c"), str(out / "ev_check.c")], check=True)
+            report = subprocess.run([str(binary)], capture_output=True, text=True)
+            assert report.returncode == 0 and "mismatches: 0 of" in report.stdout, report.stdout
+            classes = [int(line.split()[-1]) for line in report.stdout.splitlines() if line.startswith("sequence")]
+            assert classes[:5] == q_classes[:5].tolist()
+
+    head = tmp_path / "head"
+    assert cli.main(["train", "classify", "--run-dir", str(head), "--task", "fsdd", "--model", "egru",
+                     "--hidden-size", "6", "--head-size", "4", "--max-steps", "1", "--no-progress",
+                     "--neurobench", "0"]) == 0
+    capsys.readouterr()
+    assert cli.main(["export-c", str(head / "best.pt"), "--out", str(tmp_path / "no")]) == 2
+    assert "single Linear layer" in capsys.readouterr().err
+
+
 def test_export_refuses_float_only_models_and_options_are_checked(tmp_path, capsys):
     run = tmp_path / "gru"
     assert cli.main(["train", "classify", "--run-dir", str(run), *PAPER_NET, "--model", "gru",

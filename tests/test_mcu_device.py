@@ -59,3 +59,16 @@ int main(void) { int16_t state[M_STATE]; int t;
     per_step = counts[1] - counts[0]
     assert per_step > 5 * 2 * 9  # at least a few instructions per weight of the 2 · 5 · 9
     assert abs((counts[2] - counts[0]) - 3 * per_step) <= 0.1 * per_step  # about linear
+
+
+def test_initialised_data_after_code_of_any_length(tmp_path):
+    """The startup copies .data from flash word by word, which a Cortex-M0 cannot do from an
+    address that is not a multiple of 4: the linker script must align the image however long
+    the code and constants before it are (here they end on an odd byte)."""
+    source = tmp_path / "data.c"
+    source.write_text("""static volatile int value = 7;
+static const char odd[3] = {1, 2, 3};
+int main(void) { return value + odd[value % 3] - 9; }
+""")
+    elf = device.build([source], tmp_path / "data.elf")
+    assert device.run(elf, timeout=60) == (0, "")

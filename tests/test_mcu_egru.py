@@ -36,12 +36,12 @@ def make_model(I=5, H=12, layers=2, scale=3.0, threshold_mean=0.1, seed=0, **kwa
     return model
 
 
-def make_engine(classes=4, readout_bias=True, **kwargs) -> EGRUQ15:
+def make_engine(classes=4, readout_bias=True, trace_alpha=None, input_exponent=0, **kwargs) -> EGRUQ15:
     model = make_model(**kwargs)
     readout = None
     if classes:
         readout = torch.nn.Linear(model.hidden_size, classes, bias=readout_bias, dtype=torch.float64)
-    return EGRUQ15.from_module(model, readout)
+    return EGRUQ15.from_module(model, readout, trace_alpha=trace_alpha, input_exponent=input_exponent)
 
 
 def random_inputs(I, sequences=6, steps=20, extreme=2, seed=0) -> np.ndarray:
@@ -139,9 +139,10 @@ def previous_steps(values: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(q15.from_q15(np.concatenate([np.zeros_like(values[:1]), values[:-1]])))
 
 
-@pytest.mark.parametrize("layers, zoneout", [(1, 0.0), (2, 0.0), (2, 0.3)])
-def test_engine_against_the_float_model(layers, zoneout):
-    """Two measures, on 60 steps of 16 random sequences in [−1, 1).
+@pytest.mark.parametrize("layers, zoneout, input_exponent", [(1, 0.0, 0), (2, 0.0, 0), (2, 0.3, 0), (1, 0.0, 2)])
+def test_engine_against_the_float_model(layers, zoneout, input_exponent):
+    """Two measures, on 60 steps of 16 random sequences in [−1, 1) (times 4 where the inputs
+    enter divided by 2^2).
 
     One step: from the engine's own state at every step (dequantised, and for a stacked layer
     the engine's output of the layer below), the float cell's ĉ is within 12 units of 2^−15 of
@@ -152,9 +153,9 @@ def test_engine_against_the_float_model(layers, zoneout):
     the sequences whose events agree at every step (at least half; measured 13 to 16 of 16) the
     outputs stay within 32 units of 2^−15 (measured: 9 to 10)."""
     model = make_model(I=6, H=24, layers=layers, zoneout=zoneout)
-    engine = EGRUQ15.from_module(model)
-    x_q = q15.to_q15(torch.rand(60, 16, 6, dtype=torch.float64).numpy() * 2 - 1)
-    x = torch.from_numpy(q15.from_q15(x_q))
+    engine = EGRUQ15.from_module(model, input_exponent=input_exponent)
+    x_q = engine.inputs((torch.rand(60, 16, 6, dtype=torch.float64).numpy() * 2 - 1) * 2 ** input_exponent)
+    x = torch.from_numpy(q15.from_q15(x_q) * 2 ** input_exponent)
     run = engine.run(x_q)
     c_hat_q = candidate_states(run)
     bound = 12
@@ -179,6 +180,24 @@ def test_engine_against_the_float_model(layers, zoneout):
     assert np.abs(q15.from_q15(run.output) - output.numpy())[:, same].max() * q15.ONE <= 32
 
 
+def test_the_output_trace_within_its_bound():
+    """The integer trace against the float filter (egru.functional.output_trace) of the same
+    outputs: within the docstring's (1/2 + 2^16·|α − A/2^15|) / (1 − α) units of 2^−15 (9 for
+    α = 0.9), and it decays where no event fired."""
+    engine = make_engine(classes=3, layers=1, trace_alpha=functional.TRACE_ALPHA)
+    run = engine.run(random_inputs(engine.input_size, sequences=8, steps=80, extreme=2).transpose(1, 0, 2))
+    exact = functional.output_trace(torch.from_numpy(q15.from_q15(run.output))).numpy() * q15.ONE
+    alpha = functional.TRACE_ALPHA
+    bound = (0.5 + 2 ** 16 * abs(alpha - engine.trace / q15.ONE)) / (1 - alpha)
+    assert 8.5 < bound < 9.5
+    error = np.abs(run.trace - exact)
+    assert 0 < error.max() <= bound
+    silent = run.output[1:] == 0
+    assert (np.abs(run.trace[1:]) <= np.abs(run.trace[:-1]))[silent].all() and silent.any()
+    assert np.array_equal(run.logits[-1], engine.logits(run.trace[-1]))
+    assert np.all(run.macs.readout == 3 * engine.hidden_size) and run.macs.trace == engine.hidden_size
+
+
 def test_the_state_carries_over_between_runs():
     engine = make_engine(classes=3)
     x = random_inputs(engine.input_size, sequences=3, steps=12, extreme=0).transpose(1, 0, 2)
@@ -186,6 +205,10 @@ def test_the_state_carries_over_between_runs():
     first = engine.run(x[:5])
     second = engine.run(x[5:], first.state)
     assert np.array_equal(np.concatenate([first.output, second.output]), whole.output)
+    traced = make_engine(classes=3, trace_alpha=0.9)
+    whole, first = traced.run(x), traced.run(x[:5])
+    second = traced.run(x[5:], first.state, first.trace[-1])
+    assert np.array_equal(np.concatenate([first.logits, second.logits]), whole.logits)
     assert np.array_equal(np.concatenate([first.logits, second.logits]), whole.logits)
     assert np.array_equal(np.concatenate([first.macs.total, second.macs.total]), whole.macs.total)
 
@@ -231,16 +254,19 @@ def test_macs_follow_the_events(threshold):
 # --- the C export on the host ------------------------------------------------------------------
 
 
-def run_c(engine, inputs, tmp_path):
-    """Compile the export with a main that runs each sequence of ``inputs`` (S, T, I) from the
-    reset state and prints after every step every layer's y, c, number of events and list of
-    units that fired, and with a readout the logits and class. Returns the printed rows, parsed."""
+def run_c(engine, inputs, tmp_path, dense: bool = False):
+    """Compile the export (with ``-DEGRU_DENSE`` if ``dense``) with a main that runs each
+    sequence of ``inputs`` (S, T, I) from the reset state and prints after every step every
+    layer's y, c, number of events and list of units that fired, the trace where there is one,
+    and with a readout the logits and class. Returns the printed rows, parsed."""
     S, T, I = inputs.shape
     paths = export_egru_c(engine, tmp_path, "model")
     values = ", ".join(str(int(v)) for v in inputs.ravel())
     classify = ("""{ int32_t logits[MODEL_CLASSES]; int c = model_classify(&state, logits);
                     for (i = 0; i < MODEL_CLASSES; i++) printf("%ld ", (long)logits[i]);
                     printf("%d\\n", c); }""" if engine.readout is not None else "")
+    trace = ("""for (i = 0; i < MODEL_HIDDEN; i++) printf("%d ", state.trace[i]);
+            printf("\\n");""" if engine.trace is not None else "")
     (tmp_path / "main.c").write_text(f"""#include <stdio.h>
 #include "model.h"
 static const int16_t inputs[{S * T * I}] = {{{values}}};
@@ -260,6 +286,7 @@ int main(void) {{
                 for (i = 0; i < state.active_count[k]; i++) printf("%d ", state.active[k * MODEL_HIDDEN + i]);
                 printf("\\n");
             }}
+            {trace}
             {classify}
         }}
     }}
@@ -267,8 +294,8 @@ int main(void) {{
 }}
 """)
     binary = tmp_path / "model"
-    subprocess.run([CC, "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2", "-o", str(binary),
-                    str(paths["source"]), str(tmp_path / "main.c")], check=True, capture_output=True, text=True)
+    subprocess.run([CC, "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2", *(["-DEGRU_DENSE"] * dense),
+                    "-o", str(binary), str(paths["source"]), str(tmp_path / "main.c")], check=True, capture_output=True, text=True)
     lines = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.splitlines()
     return [[int(v) for v in line.split()] for line in lines], paths
 
@@ -284,6 +311,8 @@ def expected_rows(engine, inputs):
             for e in run.events:
                 active = np.flatnonzero(e[t, s]).tolist()
                 rows.append([len(active)] + active)
+            if engine.trace is not None:
+                rows.append(run.trace[t, s].tolist())
             if engine.readout is not None:
                 logits = run.logits[t, s]
                 rows.append(logits.tolist() + [int(logits.argmax())])
@@ -299,17 +328,22 @@ SATURATING = {"scale": 40.0, "threshold_mean": 0.05, "zoneout": 0.2}  # tables c
     {"layers": 2, "classes": 4},
     {"layers": 2, "classes": 3, "readout_bias": False, "bias": False, "I": 3, "H": 9},
     {"layers": 2, "classes": 5, **SATURATING},
-], ids=["one-layer", "two-layers-readout", "no-biases", "saturating"])
+    {"layers": 2, "classes": 4, "trace_alpha": 0.9, "input_exponent": 3},
+    {"layers": 2, "classes": 4, "trace_alpha": 0.9, "dense": True},
+], ids=["one-layer", "two-layers-readout", "no-biases", "saturating", "trace", "dense"])
 def test_c_equals_the_engine_bit_for_bit(options, tmp_path):
-    """Every layer's y and c, the lists of units that fired and the logits at every step, on
-    random and full-scale inputs; the saturating model has weights that clip the tables and
-    negative thresholds whose reset saturates c (both checked to occur)."""
+    """Every layer's y and c, the lists of units that fired, the output trace and the logits at
+    every step, on random and full-scale inputs; the saturating model has weights that clip the
+    tables and negative thresholds whose reset saturates c (both checked to occur). Compiled to
+    add every column (``-DEGRU_DENSE``), the C computes the same."""
+    options = dict(options)
+    dense = options.pop("dense", False)
     engine = make_engine(**options)
     if options.get("threshold_mean") == SATURATING["threshold_mean"]:
         for layer in engine.layers:
             layer.threshold[::3] = -30000  # ĉ − ϑ beyond int16
     inputs = random_inputs(engine.input_size)
-    got, paths = run_c(engine, inputs, tmp_path)
+    got, paths = run_c(engine, inputs, tmp_path, dense)
     expected, run = expected_rows(engine, inputs)
     assert len(got) == len(expected)
     mismatches = [k for k, (a, b) in enumerate(zip(got, expected)) if a != b]

@@ -172,7 +172,8 @@ def _export_c(args) -> int:
 
     result = classify.export_checkpoint(args.checkpoint, args.out, args.name, args.vectors,
                                         data_dir=args.data_dir, download=args.download)
-    layers = result["engine"].recurrent.hidden_sizes
+    engine = result["engine"]
+    layers = engine.layer_sizes if isinstance(engine, egru.mcu.EGRUQ15) else engine.recurrent.hidden_sizes
     print(f"wrote {result['header']}, {result['source']} (recurrent layers {layers}, "
           f"{result['stored_bytes']:,} bytes of weights and biases)\n"
           f"test vectors: {result['vectors']}; check them with\n"
@@ -282,13 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     train_online.set_defaults(run=_train_online)
 
     export = sub.add_parser(
-        "export-c", help="write a trained embedded-eGRU classifier as a C99 library",
-        description="Convert a checkpoint of `egru train classify --model embedded` to Q15 fixed point "
-                    "(3-bit recurrent weights as shifts, int16 dense weights) and write it as C99: "
+        "export-c", help="write a trained embedded-eGRU or EGRU classifier as a C99 library",
+        description="Convert a checkpoint of `egru train classify --model embedded` (3-bit recurrent "
+                    "weights as shifts, int16 dense weights, Q15 states) or `--model egru` (int16 weights "
+                    "with power-of-two scales, Q15 states and thresholds, products only over the units "
+                    "that fired, the readout on the output trace) to fixed point and write it as C99: "
                     "NAME.h, NAME.c (no floating point, no allocation, only <stdint.h>), test vectors "
                     "(NAME_vectors.h: test sequences of the task and saturating ones, with what the "
                     "Python engine computes) and NAME_check.c, a program that checks them.")
-    export.add_argument("checkpoint", help="a best.pt or last.pt of `egru train classify --model embedded`")
+    export.add_argument("checkpoint", help="a best.pt or last.pt of `egru train classify --model embedded` "
+                                           "or `--model egru`")
     export.add_argument("--out", required=True, help="folder for the C files")
     export.add_argument("--name", default="egru_mcu", help="prefix of the files and functions (default: %(default)s)")
     export.add_argument("--vectors", type=_int_in(0), default=20,

@@ -214,8 +214,11 @@ def dropconnect_mask(weight: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(weight).bernoulli_(1 - p) / (1 - p)
 
 
+TRACE_ALPHA = 0.9  # the output trace's default decay per step
+
+
 def output_trace(
-    y: torch.Tensor, alpha: float = 0.9, trace0: Optional[torch.Tensor] = None
+    y: torch.Tensor, alpha: float = TRACE_ALPHA, trace0: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """Exponential filter of the output over time: ``tr_t = α·tr_{t-1} + (1 − α)·y_t``.
 

@@ -66,7 +66,7 @@ LINKER_SCRIPT = """MEMORY {
     RAM (rwx)  : ORIGIN = 0x20000000, LENGTH = 16K
 }
 SECTIONS {
-    .text : { KEEP(*(.vectors)) *(.text*) *(.rodata*) } > FLASH
+    .text : { KEEP(*(.vectors)) *(.text*) *(.rodata*) . = ALIGN(4); } > FLASH /* .data's image: word-aligned for the copy */
     .data : { __data_start = .; *(.data*) . = ALIGN(4); __data_end = .; } > RAM AT > FLASH
     __data_load = LOADADDR(.data);
     .bss (NOLOAD) : { __bss_start = .; *(.bss*) *(COMMON) . = ALIGN(4); __bss_end = .; } > RAM

@@ -12,17 +12,22 @@ constant arrays, and these functions (no floating point, no allocation, nothing 
     int  <name>_classify(const <name>_state *state, int32_t logits[CLASSES]);  /* with a readout */
 
 ``<name>_state`` holds every layer's outputs ``y`` and internal states ``c`` (one layer after
-the other) and, per layer, the list of the units that fired at the last step. A step applies the
-event rule unit by unit and appends each unit that fires to its layer's list; the next step's
-recurrent product adds only the weight columns of the units on that list, and a stacked layer's
-input product only those of the layer below's list. The first layer's input product is dense.
-``classify`` applies the readout to the last layer's outputs (again only over its list) and
-returns the predicted class (the first of equal logits).
+the other), per layer the list of the units that fired at the last step, and the last layer's
+output trace where the engine has one. A step applies the event rule unit by unit and appends
+each unit that fires to its layer's list; the next step's recurrent product adds only the weight
+columns of the units on that list, and a stacked layer's input product only those of the layer
+below's list. The first layer's input product is dense. ``classify`` applies the readout to the
+output trace (every unit) or to the last layer's outputs (only over its list) and returns the
+predicted class (the first of equal logits).
+
+Compiled with ``-DEGRU_DENSE``, the same source adds every column, fired or not: the results are
+the same (a unit without an event adds zeros), and the instructions are those of the same model
+computed densely, for comparison.
 
 ``write_egru_test_vectors(engine, inputs, out_dir, name)`` adds ``<name>_vectors.h`` (Q15 input
 sequences and what the Python engine computes from them: the last layer's outputs and every
-layer's number of events at every step, every layer's final internal state and, with a readout,
-the final logits) and ``<name>_check.c``, a program that counts the values that differ (host:
+layer's number of events at every step, every layer's final internal state, the final output
+trace where there is one and, with a readout, the final logits) and ``<name>_check.c``, a program that counts the values that differ (host:
 ``cc -std=c99 <name>.c <name>_check.c``; device: :mod:`.device`).
 """
 
@@ -104,8 +109,12 @@ static void layer_step(const layer_weights *layer, const int16_t *input, const u
         int i = input_active ? input_active[k] : k;
         add_column(gi, layer->weight_ih + i * ROWS, input[i], layer->shift_ih);
     }
+#ifdef EGRU_DENSE
+    for (k = 0; k < HIDDEN; k++) add_column(gh, layer->weight_hh + k * ROWS, y[k], layer->shift_hh);
+#else
     for (k = 0; k < *active_count; k++)
         add_column(gh, layer->weight_hh + active[k] * ROWS, y[active[k]], layer->shift_hh);
+#endif
     for (k = 0; k < HIDDEN; k++) {
         int32_t r = sigmoid(round_shift(gi[k] + gh[k], layer->to_q15_shift));
         int32_t z = sigmoid(round_shift(gi[HIDDEN + k] + gh[HIDDEN + k], layer->to_q15_shift));
@@ -126,14 +135,17 @@ static void layer_step(const layer_weights *layer, const int16_t *input, const u
 """
 
 READOUT = r"""
-/* The readout over the last layer's events: bias + sum of (w * y) >> shift (egru.mcu.q15.dense;
-   a unit without an event has y = 0 and adds nothing). */
-static void readout(const int16_t *y, const uint16_t *active, int count, int32_t *logits) {
+/* The readout: bias + sum of (w * u) >> shift (egru.mcu.q15.dense) over the `count` units of
+   `u` listed in `active`, or over every unit when `active` is 0 (a unit without an event has
+   y = 0 and adds nothing; the trace is read whole). */
+static void readout(const int16_t *u, const uint16_t *active, int count, int32_t *logits) {
     int o, k;
     for (o = 0; o < CLASSES; o++) {
         int32_t total = 0;
-        for (k = 0; k < count; k++)
-            total += shift_right((int32_t)readout_weight[o * HIDDEN + active[k]] * y[active[k]], READOUT_SHIFT);
+        for (k = 0; k < count; k++) {
+            int i = active ? active[k] : k;
+            total += shift_right((int32_t)readout_weight[o * HIDDEN + i] * u[i], READOUT_SHIFT);
+        }
         logits[o] = LOGIT;
     }
 }
@@ -161,13 +173,17 @@ def export_egru_c(engine, out_dir, name: str = "egru_events") -> dict:
         raise ValueError(f"name must be a C identifier, got {name!r}")
     _check(engine)
     H, L, upper = engine.hidden_size, len(engine.layers), name.upper()
-    defines = {"LAYERS": L, "INPUT": engine.input_size, "HIDDEN": H, "UNITS": L * H}
+    defines = {"LAYERS": L, "INPUT": engine.input_size, "HIDDEN": H, "UNITS": L * H,
+               "INPUT_EXPONENT": engine.input_exponent}
     declarations = [f"void {name}_reset({name}_state *state);",
                     f"void {name}_step(const int16_t x[{upper}_INPUT], {name}_state *state);"]
     if engine.readout is not None:
         defines["CLASSES"] = engine.classes
         declarations.append(f"int {name}_classify(const {name}_state *state, int32_t logits[{upper}_CLASSES]);")
-    header = (f"/* {name}: an event-based EGRU in fixed point, generated by egru.mcu.export_egru_c. */\n"
+    trace_field = (f"\n    int16_t trace[{upper}_HIDDEN];     /* the last layer's output trace */"
+                   if engine.trace is not None else "")
+    header = (f"/* {name}: an event-based EGRU in fixed point, generated by egru.mcu.export_egru_c.\n"
+              f"   Inputs are Q15 values of x / 2^{upper}_INPUT_EXPONENT. */\n"
               f"#ifndef {upper}_H\n#define {upper}_H\n#include <stdint.h>\n\n"
               + "".join(f"#define {upper}_{key} {value}\n" for key, value in defines.items())
               + f"""
@@ -175,7 +191,7 @@ typedef struct {{
     int16_t y[{upper}_UNITS];       /* outputs: the value where a unit fired, 0 elsewhere; layer after layer */
     int16_t c[{upper}_UNITS];       /* internal states after the reset */
     uint16_t active[{upper}_UNITS]; /* per layer, the units that fired at the last step, in increasing order */
-    uint16_t active_count[{upper}_LAYERS];
+    uint16_t active_count[{upper}_LAYERS];{trace_field}
 }} {name}_state;
 
 """ + "\n".join(declarations) + "\n\n#endif\n")
@@ -213,28 +229,41 @@ typedef struct {{
             array("int32_t", "readout_bias", bias)
     body.append(SHIFT_RIGHT + (ADD_SATURATED if readout_bias else "") + SATURATE16 + ENGINE)
     body.append(f"\nstatic const layer_weights layers[{upper}_LAYERS] = {{\n" + ",\n".join(descriptors) + "\n};\n")
+    trace_reset = (f"\n    for (i = 0; i < HIDDEN; i++) state->trace[i] = 0;" if engine.trace is not None else "")
+    trace_step = ("" if engine.trace is None else f"""
+    for (k = 0; k < HIDDEN; k++) /* the output trace: alpha * trace + (1 - alpha) * y */
+        state->trace[k] = (int16_t)mix(state->y[({upper}_LAYERS - 1) * HIDDEN + k], state->trace[k], TRACE_ALPHA);""")
+    if engine.trace is not None:
+        body.append(f"\nenum {{ TRACE_ALPHA = {engine.trace} }};\n")
     body.append(f"""
 void {name}_reset({name}_state *state) {{
     int i;
     for (i = 0; i < {upper}_UNITS; i++) state->y[i] = state->c[i] = 0;
-    for (i = 0; i < {upper}_LAYERS; i++) state->active_count[i] = 0;
+    for (i = 0; i < {upper}_LAYERS; i++) state->active_count[i] = 0;{trace_reset}
 }}
 
 void {name}_step(const int16_t x[{upper}_INPUT], {name}_state *state) {{
     int k;
     layer_step(&layers[0], x, 0, {upper}_INPUT, state->y, state->c, state->active, &state->active_count[0]);
     for (k = 1; k < {upper}_LAYERS; k++)
+#ifdef EGRU_DENSE
+        layer_step(&layers[k], state->y + (k - 1) * HIDDEN, 0, HIDDEN,
+#else
         layer_step(&layers[k], state->y + (k - 1) * HIDDEN, state->active + (k - 1) * HIDDEN,
-                   state->active_count[k - 1], state->y + k * HIDDEN, state->c + k * HIDDEN,
-                   state->active + k * HIDDEN, &state->active_count[k]);
+                   state->active_count[k - 1],
+#endif
+                   state->y + k * HIDDEN, state->c + k * HIDDEN, state->active + k * HIDDEN, &state->active_count[k]);{trace_step}
 }}
 """)
     if engine.readout is not None:
+        read = ("readout(state->trace, 0, HIDDEN, logits);" if engine.trace is not None else
+                f"readout(state->y + LAST, state->active + LAST, state->active_count[{upper}_LAYERS - 1], logits);"
+                .replace("LAST", f"({upper}_LAYERS - 1) * HIDDEN"))
         body.append(READOUT.replace("LOGIT", "add_saturated(total, readout_bias[o])" if readout_bias else "total"))
         body.append(f"""
 int {name}_classify(const {name}_state *state, int32_t logits[{upper}_CLASSES]) {{
-    int last = ({upper}_LAYERS - 1) * HIDDEN, o, best = 0;
-    readout(state->y + last, state->active + last, state->active_count[{upper}_LAYERS - 1], logits);
+    int o, best = 0;
+    {read}
     for (o = 1; o < CLASSES; o++) if (logits[o] > logits[best]) best = o;
     return best;
 }}
@@ -266,6 +295,8 @@ def write_egru_test_vectors(engine, inputs: np.ndarray, out_dir, name: str = "eg
             _array("int16_t", f"{name}_expected_output", result.output.swapaxes(0, 1).ravel()),
             _array("int16_t", f"{name}_expected_events", events.swapaxes(0, 1).ravel()),
             _array("int16_t", f"{name}_expected_c", final_c.ravel())]
+    if engine.trace is not None:
+        text.append(_array("int16_t", f"{name}_expected_trace", result.trace[-1].ravel()))
     if engine.readout is not None:
         text.append(_array("int32_t", f"{name}_expected_logits", result.logits[-1].ravel()))
     text.append("\n#endif\n")
@@ -279,6 +310,10 @@ def write_egru_test_vectors(engine, inputs: np.ndarray, out_dir, name: str = "eg
               mismatches += logits[i] != {name}_expected_logits[s * {upper}_CLASSES + i];
           print("sequence "); print_number(s); print(": class "); print_number(c); print("\\n"); }}"""
                       if engine.readout is not None else "")
+    compare_trace = (f"""
+        for (i = 0; i < {upper}_HIDDEN; i++, checked++)
+            mismatches += state.trace[i] != {name}_expected_trace[s * {upper}_HIDDEN + i];"""
+                     if engine.trace is not None else "")
     paths["check"].write_text(f"""/* Runs {name} on its test vectors and counts the values that differ from the
    Python engine's. Generated by egru.mcu.write_egru_test_vectors. Prints with stdio, or with the
    device's device_print when compiled with -DEGRU_DEVICE. */
@@ -299,7 +334,7 @@ int main(void) {{
                 mismatches += state.active_count[i] != {name}_expected_events[at * {upper}_LAYERS + i];
         }}
         for (i = 0; i < {upper}_UNITS; i++, checked++)
-            mismatches += state.c[i] != {name}_expected_c[s * {upper}_UNITS + i];{compare_logits}
+            mismatches += state.c[i] != {name}_expected_c[s * {upper}_UNITS + i];{compare_trace}{compare_logits}
     }}
     print("mismatches: "); print_number(mismatches); print(" of "); print_number(checked); print(" values\\n");
     return mismatches != 0;

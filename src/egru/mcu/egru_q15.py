@@ -1,16 +1,20 @@
 """The event-based EGRU (SPEC §1) in fixed point (numpy): the bit-exact statement of what the
 exported C (:mod:`.egru_export`) computes, step by step, on a microcontroller.
 
-A trained :class:`egru.EGRU` (unidirectional, any number of layers) and an optional linear
-readout become integers by :meth:`EGRUQ15.from_module`. Every number is an integer; the engine
+A trained :class:`egru.EGRU` (unidirectional, any number of layers, or a list of such modules
+stacked) and an optional linear readout become integers by :meth:`EGRUQ15.from_module`; the
+readout reads the last layer's outputs ``y`` or, as the classification recipe's models do, their
+output trace. Every number is an integer; the engine
 computes in int64 numpy arrays but never holds a value that the C could not hold in the type
 named here, and the converter checks the sizes that make this so.
 
 Numbers.
 
 * Activations and states (inputs ``x``, outputs ``y``, internal states ``c``, gates, thresholds)
-  are Q15 int16: ``round(a · 2^15)`` saturated to [−32768, 32767] (:func:`.q15.to_q15`). The
-  inputs should be scaled into [−1, 1) before conversion. A threshold of 1 or more saturates to
+  are Q15 int16: ``round(a · 2^15)`` saturated to [−32768, 32767] (:func:`.q15.to_q15`). Inputs
+  larger than 1 enter divided by ``2^E`` (``input_exponent``, :meth:`EGRUQ15.inputs`), and the
+  first layer's ``W_ih`` is multiplied by ``2^E`` before it is quantised, so the products are
+  the same. A threshold of 1 or more saturates to
   32767, which no state exceeds: such a unit never fires, in float (where ``ĉ < 1``) as here.
 * Weights are int16 with a per-tensor power-of-two scale (:func:`.q15.dense_weights`):
   ``W ≈ values · 2^(e − 15)``, ``e ≥ 0`` the smallest exponent for which the largest ``|w|``
@@ -53,9 +57,17 @@ One step of a layer, in ``torch.nn.GRU``'s gate order (r, z, n), rows ``[0, H)``
 4. The event ``e = ĉ > ϑ`` (strict, int16 against int16), ``y = e ? ĉ : 0``,
    ``c = e ? sat16(ĉ − ϑ) : ĉ``.
 
-The readout (an optional ``torch.nn.Linear`` on the last layer's ``y``) is :func:`.q15.dense`
-without ReLU: int16 weights with a power-of-two scale, floor-shifted products, int32 logits;
-like the products above it needs only the units that fired.
+The output trace (with ``trace_alpha`` α, SPEC §1) of the last layer is
+``tr_t = mix(y_t, tr_{t−1}, A)`` with ``A = round(α · 2^15)``, that is ``α·tr + (1 − α)·y``,
+from ``tr_0 = 0``: one multiplication per unit and step (the trace decays where no event fired).
+Each step rounds by at most half a unit of 2^−15 and its decay differs from α by
+``|α − A/2^15|`` on a difference ``|tr − y| < 2``, and the filter forgets errors at the rate α:
+the trace stays within ``(1/2 + 2^16·|α − A/2^15|) / (1 − α)`` units of the exact filter of the
+same ``y`` (9 for α = 0.9).
+
+The readout (an optional ``torch.nn.Linear``) is :func:`.q15.dense` without ReLU: int16 weights
+with a power-of-two scale, floor-shifted products, int32 logits. On ``y`` it needs only the
+units that fired; on the trace every unit.
 
 Against the float model (same inputs, float64) the error of one step comes from the weight and
 bias rounding, the tables and the final roundings: a few units of 2^−15 in ``ĉ`` for moderate
@@ -224,29 +236,32 @@ class MacCount(NamedTuple):
     only the columns of inputs that are events (as the exported C): the first layer's input
     product is dense (``3H·I``), a stacked layer's ``3H`` per event of the layer below at the
     same step, the recurrent product ``3H`` per event of the layer at the previous step, the
-    readout ``classes`` per event of the last layer (when it is applied at that step). Every
-    weight of such a column is multiplied, zero or not. ``dense``: what computing every column
-    costs per step and sample, for comparison."""
+    readout ``classes`` per event of the last layer (when it is applied at that step; on the
+    output trace ``classes · H``), the trace one per unit. Every weight of such a column is
+    multiplied, zero or not. ``dense``: what computing every column costs per step and sample,
+    for comparison."""
 
     input: np.ndarray  # (L, T, B)
     recurrent: np.ndarray  # (L, T, B)
     readout: np.ndarray  # (T, B)
+    trace: int  # per step and sample: the last layer's units with an output trace, else 0
     dense: int
 
     @property
     def total(self) -> np.ndarray:
         """(T, B) all MACs of each step."""
-        return self.input.sum(0) + self.recurrent.sum(0) + self.readout
+        return self.input.sum(0) + self.recurrent.sum(0) + self.readout + self.trace
 
 
 class Q15Run(NamedTuple):
     """A sequence through :meth:`EGRUQ15.run`, time-major: every layer's ``y``, ``c`` and events
-    (lists of (T, B, H)), the readout's int32 logits at every step ((T, B, classes) or None), the
-    final state and the MACs done."""
+    (lists of (T, B, H)), the output trace ((T, B, H) or None), the readout's int32 logits at
+    every step ((T, B, classes) or None), the final state and the MACs done."""
 
     y: list
     c: list
     events: list
+    trace: np.ndarray | None
     logits: np.ndarray | None
     state: list
     macs: MacCount
@@ -260,46 +275,67 @@ class Q15Run(NamedTuple):
 class EGRUQ15:
     """An event-based EGRU (and an optional linear readout) in fixed point; see the module
     docstring for the numbers and the step. Build it with :meth:`from_module`; run it with
-    :meth:`step` or :meth:`run` on Q15 inputs (:func:`.q15.to_q15`)."""
+    :meth:`step` or :meth:`run` on Q15 inputs (:meth:`inputs`).
 
-    def __init__(self, layers: list, readout: tuple | None = None):
+    ``trace``: ``A``, the Q15 decay of the last layer's output trace, which the readout then
+    reads (None: no trace, the readout reads ``y``). ``input_exponent``: ``E``, inputs enter
+    divided by ``2^E``."""
+
+    def __init__(self, layers: list, readout: tuple | None = None, trace: int | None = None,
+                 input_exponent: int = 0):
         for below, layer in pairwise(layers):
             if layer.input_size != below.hidden_size:
                 raise ValueError(f"a layer of {below.hidden_size} units feeds one that expects {layer.input_size} inputs")
+        if trace is not None and not 0 <= trace < ONE:
+            raise ValueError(f"the trace's decay must be a Q15 value in [0, 32767], got {trace}")
         self.layers = list(layers)
         self.readout = readout  # (int16 values (classes, H), exponent, int32 bias in Q15 or None)
+        self.trace = trace
+        self.input_exponent = input_exponent
         if readout is not None:
             if readout[0].shape[1] != self.hidden_size:
                 raise ValueError(f"a readout of {readout[0].shape[1]} inputs follows {self.hidden_size} units")
             q15.check_dense(self.hidden_size, readout[1])
 
     @classmethod
-    def from_module(cls, module, readout=None) -> EGRUQ15:
-        """Convert a trained :class:`egru.EGRU` (unidirectional) and optionally a
-        ``torch.nn.Linear`` readout on its last layer's output. Training-only parts (dropout,
-        DropConnect) do not exist at inference; zoneout takes its evaluation form."""
+    def from_module(cls, module, readout=None, trace_alpha: float | None = None,
+                    input_exponent: int = 0) -> EGRUQ15:
+        """Convert a trained :class:`egru.EGRU` (unidirectional), or a list of them of which each
+        feeds the next, and optionally a ``torch.nn.Linear`` readout on the last layer's output
+        or, with ``trace_alpha``, on its output trace. ``input_exponent``: see the class.
+        Training-only parts (dropout, DropConnect) do not exist at inference; zoneout takes its
+        evaluation form."""
         from torch import nn  # torch only for the conversion
 
         from ..modules import EGRU
 
-        if not isinstance(module, EGRU):
-            raise TypeError(f"expected an egru.EGRU, got {type(module).__name__}")
-        if module.bidirectional:
-            raise ValueError("bidirectional EGRUs are not supported: a device runs forward in time, one step "
-                             "as each input arrives, and the reverse direction needs the whole sequence first")
+        modules = list(module) if isinstance(module, (list, tuple, nn.ModuleList)) else [module]
         layers = []
-        for k in range(module.num_layers):
-            params = [None if p is None else p.detach().cpu().double().numpy() for p in module._layer_params(k, "")]
-            layers.append(Q15Layer.from_float(*params, zoneout=module.zoneout))
+        for module in modules:
+            if not isinstance(module, EGRU):
+                raise TypeError(f"expected an egru.EGRU, got {type(module).__name__}")
+            if module.bidirectional:
+                raise ValueError("bidirectional EGRUs are not supported: a device runs forward in time, one step "
+                                 "as each input arrives, and the reverse direction needs the whole sequence first")
+            for k in range(module.num_layers):
+                params = [None if p is None else p.detach().cpu().double().numpy() for p in module._layer_params(k, "")]
+                if not layers:
+                    params[0] = params[0] * 2.0 ** input_exponent  # the inputs enter divided by 2^E
+                layers.append(Q15Layer.from_float(*params, zoneout=module.zoneout))
         head = None
         if readout is not None:
             if not isinstance(readout, nn.Linear):
                 raise TypeError(f"the readout must be a torch.nn.Linear, got {type(readout).__name__}")
-            if readout.in_features != module.hidden_size:
-                raise ValueError(f"a readout of {readout.in_features} inputs cannot follow {module.hidden_size} units")
+            if readout.in_features != layers[-1].hidden_size:
+                raise ValueError(f"a readout of {readout.in_features} inputs cannot follow {layers[-1].hidden_size} units")
             bias = None if readout.bias is None else readout.bias.detach().cpu().double().numpy()
             head = q15.dense_weights(readout.weight.detach().cpu().double().numpy(), bias)
-        return cls(layers, head)
+        trace = None if trace_alpha is None else int(np.rint(trace_alpha * ONE))
+        return cls(layers, head, trace, input_exponent)
+
+    def inputs(self, x) -> np.ndarray:
+        """Float inputs → the engine's Q15 inputs: ``x / 2^E``, rounded and saturated."""
+        return to_q15(np.asarray(x, dtype=np.float64) / 2.0 ** self.input_exponent)
 
     @property
     def input_size(self) -> int:
@@ -339,14 +375,29 @@ class EGRUQ15:
             x = layer_state.y
         return new_state, events
 
-    def logits(self, y: np.ndarray) -> np.ndarray:
-        """The readout of the last layer's outputs ``y`` (B, H) → int32 logits (B, classes)."""
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """The readout of what it reads (B, H), the last layer's outputs ``y`` or their trace
+        → int32 logits (B, classes)."""
         if self.readout is None:
             raise ValueError("this engine has no readout")
-        return q15.dense(np.asarray(y, dtype=np.int64), *self.readout, relu=False)
+        return q15.dense(np.asarray(features, dtype=np.int64), *self.readout, relu=False)
 
-    def run(self, x, state: list | None = None) -> Q15Run:
-        """Q15 inputs (T, B, I), from ``state`` (zeros if omitted) → :class:`Q15Run`."""
+    def classify(self, x) -> np.ndarray:
+        """Q15 inputs (T, B, I) → the readout's class at the last step (B,), the first of equal
+        logits."""
+        return self.run(x).logits[-1].argmax(axis=1)
+
+    @property
+    def layer_sizes(self) -> list:
+        return [layer.hidden_size for layer in self.layers]
+
+    def update_trace(self, trace: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """One step of the output trace: ``α·trace + (1 − α)·y`` as ``mix(y, trace, A)``."""
+        return mix(y, trace, self.trace)
+
+    def run(self, x, state: list | None = None, trace: np.ndarray | None = None) -> Q15Run:
+        """Q15 inputs (T, B, I), from ``state`` (zeros if omitted) and, with a trace, from
+        ``trace`` (B, H) (zeros if omitted) → :class:`Q15Run`."""
         x = np.asarray(x)
         if x.dtype.kind not in "iu":
             raise ValueError(f"expected Q15 integers (egru.mcu.q15.to_q15), got {x.dtype}")
@@ -358,17 +409,22 @@ class EGRUQ15:
         x = x.astype(np.int64)
         state = self.initial_state(x.shape[1]) if state is None else [LayerState(*s) for s in state]
         fired_before = [s.y != 0 for s in state]
-        ys, cs, events, logits = [], [], [], []
+        if self.trace is not None and trace is None:
+            trace = np.zeros((x.shape[1], self.hidden_size), np.int64)
+        ys, cs, events, traces, logits = [], [], [], [], []
         for x_t in x:
             state, e = self.step(x_t, state)
             ys.append([s.y for s in state])
             cs.append([s.c for s in state])
             events.append(e)
+            if self.trace is not None:
+                trace = self.update_trace(trace, state[-1].y)
+                traces.append(trace)
             if self.readout is not None:
-                logits.append(self.logits(state[-1].y))
+                logits.append(self.logits(state[-1].y if self.trace is None else trace))
         events = _by_layer(events)
-        return Q15Run(_by_layer(ys), _by_layer(cs), events, np.stack(logits) if logits else None, state,
-                      self.count_macs(events, fired_before))
+        return Q15Run(_by_layer(ys), _by_layer(cs), events, np.stack(traces) if traces else None,
+                      np.stack(logits) if logits else None, state, self.count_macs(events, fired_before))
 
     def count_macs(self, events: list, fired_before: list | None = None) -> MacCount:
         """:class:`MacCount` from every layer's events (T, B, H) and the units with a nonzero
@@ -381,9 +437,13 @@ class EGRUQ15:
             previous = np.concatenate([before[None], e[:-1]])
             recurrent.append(rows * previous.sum(-1))
             inputs.append(np.full((T, B), rows * layer.input_size) if k == 0 else rows * events[k - 1].sum(-1))
-        readout = self.classes * events[-1].sum(-1)
+        if self.trace is None:
+            readout, trace = self.classes * events[-1].sum(-1), 0
+        else:
+            readout, trace = np.full((T, B), self.classes * self.hidden_size), self.hidden_size
         dense = sum(3 * layer.hidden_size * (layer.input_size + layer.hidden_size) for layer in self.layers)
-        return MacCount(np.stack(inputs), np.stack(recurrent), readout, dense + self.classes * self.hidden_size)
+        return MacCount(np.stack(inputs), np.stack(recurrent), readout, trace,
+                        dense + self.classes * self.hidden_size + trace)
 
 
 def _by_layer(steps: list) -> list:

@@ -129,14 +129,21 @@ class Q15Layers:
 
 # --- the dense head: Linear → ReLU → … → Linear, weights in int16 with a power-of-two scale ---
 
+def scale_exponent(largest: float) -> int:
+    """The smallest ``e ≥ 0`` for which ``largest / 2^e`` is below Q15's largest value, 32767/32768:
+    values up to ``largest`` in magnitude, divided by ``2^e``, are Q15 without saturating."""
+    exponent = 0
+    while largest >= (1 << exponent) * (INT16[1] / ONE):
+        exponent += 1
+    return exponent
+
+
 def dense_weights(weight, bias) -> tuple:
     """A float Linear layer's weights as ``(int16 values, exponent e, int32 bias in Q15)``:
     ``w ≈ values · 2^(e − 15)`` with the smallest ``e ≥ 0`` for which every |w| fits."""
     weight = np.asarray(weight, dtype=np.float64)
     largest = float(np.abs(weight).max(initial=0.0))
-    exponent = 0
-    while largest >= (1 << exponent) * (INT16[1] / ONE):
-        exponent += 1
+    exponent = scale_exponent(largest)
     if exponent > 15:
         raise ValueError(f"a dense weight of magnitude {largest:g} is beyond what int16 with a scale holds")
     values = np.clip(np.rint(weight * (1 << (15 - exponent))), *INT16).astype(np.int64)

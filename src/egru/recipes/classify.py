@@ -25,7 +25,9 @@ out for one, else nothing is validated during training and ``best.pt`` is the fi
 
 ``--layer-sizes 30,20 --head-size 16 --model embedded`` is the paper's keyword spotter:
 recurrent 30 → recurrent 20 → Linear 16 + ReLU → Linear. :func:`to_q15` converts such a trained
-embedded model for :mod:`egru.mcu.q15` and C export.
+embedded model for :mod:`egru.mcu.q15`, and a trained EGRU classifier (its readout a Linear
+layer on the output trace at the last step) for :mod:`egru.mcu.egru_q15`; ``egru export-c``
+writes either as C.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import egru.mcu
 
 from . import harness
 from .common import check, option, positive_int
-from .cores import CoreConfig, StepwiseCore, core_config, make_core
+from .cores import CoreConfig, EventCore, StepwiseCore, core_config, make_core
 from .harness import Batch, LayerTotals, TrainConfig
 
 
@@ -323,18 +325,40 @@ class ClippedReLU(nn.Module):
         return egru.mcu.functional.clip_q15(x, low=0.0)
 
 
-def to_q15(model: Classifier):
-    """A trained classifier of ``embedded`` cores as an :class:`egru.mcu.q15.Q15Classifier`
-    (weights by the rule it trained with, ``"paper"`` after float training)."""
+def to_q15(model: Classifier, input_exponent: int = 0):
+    """A trained classifier in fixed point. Of ``embedded`` cores: an
+    :class:`egru.mcu.q15.Q15Classifier` (weights by the rule it trained with, ``"paper"`` after
+    float training; inputs saturate to Q15). Of ``egru`` cores: an :class:`egru.mcu.EGRUQ15`
+    whose readout reads the output trace, its inputs entering divided by ``2^input_exponent``
+    (:func:`input_exponent`)."""
     from egru.mcu.q15 import Q15Classifier
 
+    if all(isinstance(layer, EventCore) for layer in model.layers):
+        if model.frontend is not None or model.mean_readout or not isinstance(model.readout, nn.Linear):
+            raise ValueError("an EGRU classifier runs in fixed point with its readout a single Linear layer "
+                             "at the last step (no --head-size, no --readout mean, no frame encoder)")
+        return egru.mcu.EGRUQ15.from_module(list(model.layers), model.readout, egru.functional.TRACE_ALPHA,
+                                            input_exponent)
+    if input_exponent:
+        raise ValueError("the embedded model's inputs are Q15 themselves (train it with --q15-ranges)")
     cores = [layer for layer in model.layers if hasattr(layer, "rnn")]
     if len(cores) != len(model.layers) or not all(isinstance(c.rnn, egru.mcu.EmbeddedGRU) for c in cores):
-        raise ValueError("only a classifier of embedded cores (--model embedded) runs in Q15: "
-                         "the EGRU, GRU and LSTM are float-only")
+        raise ValueError("only a classifier of embedded cores (--model embedded) or of EGRU cores "
+                         "(--model egru) runs in fixed point: the GRU and LSTM are float-only")
     head = [m for m in (model.readout if isinstance(model.readout, nn.Sequential) else [model.readout])
             if isinstance(m, nn.Linear)]
     return Q15Classifier([c.rnn for c in cores], head)
+
+
+def input_exponent(x: torch.Tensor) -> int:
+    """The ``E`` for an EGRU in fixed point whose inputs look like ``x`` (say the training
+    split): the smallest for which ``x / 2^E`` is inside Q15's range."""
+    return egru.mcu.q15.scale_exponent(float(x.abs().max()))
+
+
+def fixed_point_inputs(engine, x: torch.Tensor) -> np.ndarray:
+    """Float inputs (N, T, I) → what ``engine`` (:func:`to_q15`) reads, (N, T, I) integers."""
+    return engine.inputs(x.numpy()) if isinstance(engine, egru.mcu.EGRUQ15) else egru.mcu.q15.to_q15(x.numpy())
 
 
 @torch.no_grad()
@@ -500,20 +524,24 @@ def load_classifier(path) -> Classifier:
 
 def export_checkpoint(path, out_dir, name: str = "egru_mcu", vectors: int = 20, data_dir=None,
                       download: bool = False, seed: int = 0) -> dict:
-    """``egru export-c``: a classifier of embedded cores as C (:func:`egru.mcu.export_c`), with
-    test vectors (:func:`egru.mcu.write_test_vectors`): the first ``vectors`` test sequences of
-    its task in Q15 and two of random full-scale values, which saturate. Returns the paths, the
-    bytes stored and the engine."""
-    from egru.mcu import export_c, q15, write_test_vectors
+    """``egru export-c``: a classifier of embedded cores (:func:`egru.mcu.export_c`) or of EGRU
+    cores (:func:`egru.mcu.export_egru_c`, inputs scaled by :func:`input_exponent` of the
+    training split) as C, with test vectors: the first ``vectors`` test sequences of its task in
+    Q15 and two of random full-scale values, which saturate. Returns the paths, the bytes stored
+    and the engine."""
+    from egru.mcu import export_c, export_egru_c, q15, write_egru_test_vectors, write_test_vectors
 
     model = load_classifier(path)
-    engine = to_q15(model)
     cfg = ClassifyConfig(**torch.load(path, map_location="cpu", weights_only=False)["config"])
-    x = TASKS[cfg.task](data_dir=data_dir, download=download).splits["test"][0][:vectors].numpy()
+    splits = TASKS[cfg.task](data_dir=data_dir, download=download).splits
+    events = cfg.model == "egru"
+    engine = to_q15(model, input_exponent(splits["train"][0]) if events else 0)
+    x = fixed_point_inputs(engine, splits["test"][0][:vectors])
     saturating = np.random.default_rng(seed).choice(q15.INT16, size=(2,) + x.shape[1:])
-    inputs = np.concatenate([q15.to_q15(x), saturating])
-    paths = export_c(engine, out_dir, name)
-    paths.update(write_test_vectors(engine, inputs, out_dir, name))
+    inputs = np.concatenate([x, saturating])
+    export, vectors_for = (export_egru_c, write_egru_test_vectors) if events else (export_c, write_test_vectors)
+    paths = export(engine, out_dir, name)
+    paths.update(vectors_for(engine, inputs, out_dir, name))
     return {**paths, "engine": engine}
 
 # --- the demo: an EGRU and a GRU side by side -------------------------------------------------
