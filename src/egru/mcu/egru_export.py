@@ -229,7 +229,7 @@ typedef struct {{
             array("int32_t", "readout_bias", bias)
     body.append(SHIFT_RIGHT + (ADD_SATURATED if readout_bias else "") + SATURATE16 + ENGINE)
     body.append(f"\nstatic const layer_weights layers[{upper}_LAYERS] = {{\n" + ",\n".join(descriptors) + "\n};\n")
-    trace_reset = (f"\n    for (i = 0; i < HIDDEN; i++) state->trace[i] = 0;" if engine.trace is not None else "")
+    trace_reset = ("\n    for (i = 0; i < HIDDEN; i++) state->trace[i] = 0;" if engine.trace is not None else "")
     trace_step = ("" if engine.trace is None else f"""
     for (k = 0; k < HIDDEN; k++) /* the output trace: alpha * trace + (1 - alpha) * y */
         state->trace[k] = (int16_t)mix(state->y[({upper}_LAYERS - 1) * HIDDEN + k], state->trace[k], TRACE_ALPHA);""")
