@@ -15,7 +15,9 @@ Blocks: ``headline`` (README.md, docs/speed.md), ``reproduce``, ``by-backend``, 
 ``load-b1``, ``load-b32`` and ``weight-sparsity`` (docs/speed.md); ``rtrl-targets``,
 ``rtrl-memory`` and ``rtrl-tables`` (docs/rtrl.md, from ``docs/rtrl.json``, the tables of the
 last one those of ``benchmarks/rtrl.py --markdown``); ``mcu-targets`` and ``mcu-results``
-(docs/mcu.md, from ``docs/mcu.json``, the tables of ``benchmarks/mcu.py``). The tables of the full grid and of the B = 1 load
+(docs/mcu.md, from ``docs/mcu.json``, the tables of ``benchmarks/mcu.py``); ``mcu-egru-targets`` and
+``mcu-egru-results`` (docs/mcu.md, from ``docs/mcu-egru.json``, ``benchmarks/mcu_egru.py``'s). The tables of the
+full grid and of the B = 1 load
 runs are the ones ``speed.py --markdown`` and ``speed.py --load-table`` print (imported from it,
 not rewritten). Exit status: 0 done or up to date, 1 stale (``--check``), 2 markers missing.
 """
@@ -33,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mcu  # benchmarks/mcu.py: the embedded eGRU's tables
+import mcu_egru  # benchmarks/mcu_egru.py: the event-based EGRU's on devices
 import rtrl  # benchmarks/rtrl.py: the RTRL cost tables
 import speed  # benchmarks/speed.py: its table renderers and its definition of the ratios
 
@@ -43,6 +46,7 @@ B32_LOAD = ("docs/load/b32-quiet.json", "docs/load/b32-busy.json")
 WEIGHT_SPARSITY = "docs/speed-weight-sparsity.json"
 RTRL = "docs/rtrl.json"
 MCU = "docs/mcu.json"
+MCU_EGRU = "docs/mcu-egru.json"
 # The issue's targets for sparse RTRL's influence update, dense/sparse wall time at ~10 % of the
 # units in G: 8× with dense weights, 30× with 80 % of them pruned
 RTRL_TARGETS = {0.0: 8, 0.8: 30}
@@ -294,13 +298,22 @@ def mcu_results(doc: Path) -> str:
     return mcu.markdown(load(MCU))
 
 
+def mcu_egru_targets(doc: Path) -> str:
+    return mcu_egru.targets(load(MCU_EGRU))
+
+
+def mcu_egru_results(doc: Path) -> str:
+    return mcu_egru.markdown(load(MCU_EGRU))
+
+
 BLOCKS = {
     "README.md": {"headline": headline},
     "docs/speed.md": {"headline": headline, "reproduce": reproduce, "by-backend": by_backend,
                       "results": results, "load-b1": load_b1, "load-b32": load_b32,
                       "weight-sparsity": weight_sparsity},
     "docs/rtrl.md": {"rtrl-targets": rtrl_targets, "rtrl-memory": rtrl_memory, "rtrl-tables": rtrl_tables},
-    "docs/mcu.md": {"mcu-targets": mcu_targets, "mcu-results": mcu_results},
+    "docs/mcu.md": {"mcu-targets": mcu_targets, "mcu-results": mcu_results,
+                    "mcu-egru-targets": mcu_egru_targets, "mcu-egru-results": mcu_egru_results},
 }
 
 

@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton's kernels run in its interpreter on the CPU (tests/test_triton.py); this
+# must be set before they are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():

@@ -19,7 +19,7 @@ pytest.importorskip("numba")
 
 
 def test_resolve_names_and_instances():
-    assert backends.available() == ["auto", "event", "reference"]
+    assert backends.available() == ["auto", "event", "reference", "triton"]
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         backends.resolve("fast")
     a, b = backends.resolve("auto"), backends.resolve("auto")

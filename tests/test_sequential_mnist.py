@@ -65,7 +65,7 @@ def test_presets_and_options_on_top(generated_mnist, tmp_path):
     assert paper.pseudo_derivative_support == 1.0  # the paper's triangle for sequential MNIST
     assert classify.preset("paper-psmnist").task == "psmnist"
     cpu = classify.preset("cpu-smnist")
-    assert (cpu.task, cpu.hidden_size, classify.preset("cpu-psmnist").task) == ("smnist", 128, "psmnist")
+    assert (cpu.task, cpu.hidden_size, cpu.readout, classify.preset("cpu-psmnist").task) == ("smnist", 128, "mean", "psmnist")
     dvs = classify.preset("paper-dvs")
     assert (dvs.task, dvs.hidden_size, dvs.readout, dvs.pseudo_derivative_support) == ("dvs-gesture", 795, "mean", 1.7)
     with pytest.raises(ValueError, match="unknown preset 'nope'"):

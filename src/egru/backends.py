@@ -8,9 +8,14 @@ backend is tested against ``"reference"``.
 * ``"event"``: the event-driven numba kernels, forward and sparse BPTT
   (:mod:`egru.kernels.event`). Calls the kernels cannot compute (:func:`unsupported`) use the
   reference, with one warning per reason.
-* ``"auto"`` (the default of :class:`egru.EGRU`): the event kernels with, per call, the
-  event-driven or a dense recurrent forward product (:meth:`Auto.prefers_dense`); calls the
-  kernels cannot compute silently use the reference.
+* ``"triton"``: the event-driven Triton kernels for GPUs, forward and sparse BPTT
+  (:mod:`egru.kernels.triton_event`); on the CPU only under Triton's interpreter
+  (``TRITON_INTERPRET=1``). Calls they cannot compute use the reference, with one warning per
+  reason.
+* ``"auto"`` (the default of :class:`egru.EGRU`): on the CPU the event kernels with, per call,
+  the event-driven or a dense recurrent forward product (:meth:`Auto.prefers_dense`); on a GPU
+  the Triton kernels where Triton is installed; calls the kernels cannot compute silently use
+  the reference.
 
 How the kernels decide what depends on the data (sparse or dense input products and weight
 gradients, weights kept by rows of their nonzeros, parallel or serial kernels) is set by the
@@ -196,6 +201,83 @@ class Event:
         self.__init__(state["tuning"])
 
 
+def triton_unsupported(x: torch.Tensor, weight_hh: torch.Tensor, surrogate) -> Optional[str]:
+    """Why the Triton kernels cannot compute this call, or None when they can."""
+    if type(surrogate) is not Triangle:
+        return f"surrogate {type(surrogate).__name__} is not supported (only Triangle)"
+    if not _triton_available():
+        return "triton is not installed"
+    from .kernels import triton_event
+
+    interpreted = triton_event.interpreted()
+    if x.device.type != "cuda" and not (interpreted and x.device.type == "cpu"):
+        return (f"device {x.device.type} is not supported (CUDA, or the CPU under TRITON_INTERPRET=1, "
+                "which must be set before triton is imported)")
+    if weight_hh.device != x.device:
+        return "the input and the weights are on different devices"
+    if x.dtype not in (torch.float32, torch.float64) or weight_hh.dtype != x.dtype:
+        return (f"dtype {x.dtype} with weights of {weight_hh.dtype} is not supported "
+                "(float32 or float64, one for both)")
+    if 0 in x.shape:
+        return "empty sequences or batches are not supported"
+    if not torch.compiler.is_compiling() and _in_functorch_transform():
+        return "torch.func transforms (vmap, grad, ...) are not supported"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Triton(Event):
+    """``backend="triton"``: :func:`egru.functional.egru_layer` with the event-driven Triton
+    kernels. Pruning masks need no kernel of their own here: the weights are masked already."""
+
+    name = "triton"
+
+    @_outside_autocast
+    def __call__(self, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, *,
+                 lengths=None, zoneout_p=0.0, zoneout_mask=None, reverse=False,
+                 weight_ih_mask=None, weight_hh_mask=None) -> LayerOutput:
+        args = (x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate)
+        kwargs = dict(lengths=lengths, zoneout_p=zoneout_p, zoneout_mask=zoneout_mask, reverse=reverse)
+        reason = triton_unsupported(x, weight_hh, surrogate)
+        if reason is not None:
+            self._fallback(reason)
+            return functional.egru_layer(*args, **kwargs)
+        return run_triton(*args, **kwargs)
+
+    def _fallback(self, reason: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"egru backend 'triton': {reason}; using the reference backend instead",
+                          RuntimeWarning, stacklevel=5)
+
+
+def run_triton(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, *,
+               lengths, zoneout_p, zoneout_mask, reverse) -> LayerOutput:
+    """One layer and direction through :func:`egru.kernels.triton_event.layer`."""
+    from .kernels import triton_event
+
+    T, B = x.shape[:2]
+    lengths = _check_lengths(lengths, T, B)
+    xp = reverse_padded(x, lengths) if reverse else x
+    valid = None if lengths is None else functional.valid_steps(lengths, T, B, x.device).to(torch.int8)
+    mask = None if zoneout_mask is None else zoneout_mask.to(x.dtype).contiguous()
+    y, c_hat, e, y_last, c_last = triton_event.layer(
+        xp.contiguous(), state.y.contiguous(), state.c.contiguous(), weight_ih, weight_hh, bias_ih, bias_hh,
+        threshold, valid, mask, float(zoneout_p), float(surrogate.dampening_factor),
+        float(surrogate.pseudo_derivative_support))
+    if reverse:
+        y, e, c_hat = (reverse_padded(a, lengths) for a in (y, e, c_hat))
+    return LayerOutput(y, EGRUState(y_last, c_last), e, c_hat)
+
+
 class Auto(Event):
     """``backend="auto"``: per call, the event-driven or a dense recurrent forward product.
 
@@ -220,6 +302,13 @@ class Auto(Event):
 
     def _fallback(self, reason: str) -> None:
         pass  # auto chooses silently
+
+    def __call__(self, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, **kwargs):
+        if x.device.type == "cuda" and triton_unsupported(x, weight_hh, surrogate) is None:
+            kwargs.pop("weight_ih_mask", None), kwargs.pop("weight_hh_mask", None)
+            kwargs = {"lengths": None, "zoneout_p": 0.0, "zoneout_mask": None, "reverse": False, **kwargs}
+            return run_triton(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, **kwargs)
+        return super().__call__(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, **kwargs)
 
     def _dense_forward(self, batch: int, threshold) -> bool:
         if torch.compiler.is_compiling():  # no memory a compiled graph could read
@@ -263,7 +352,7 @@ def _check_lengths(lengths, T: int, B: int) -> Optional[torch.Tensor]:
     return lengths
 
 
-_BACKENDS = {"reference": Reference, "event": Event, "auto": Auto}
+_BACKENDS = {"reference": Reference, "event": Event, "auto": Auto, "triton": Triton}
 
 
 def available() -> list[str]:
