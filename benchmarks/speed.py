@@ -39,6 +39,13 @@ one forward+backward, above what was held before, from the profiler's memory eve
     python benchmarks/speed.py --weight-density 0.1 1.0   # pruned to 10 % of the weights too
     python benchmarks/speed.py --load-table q.json b.json # quiet against busy forward times
 
+``--device cuda`` times on a GPU: the EGRU's ``triton`` and ``reference`` backends against cuDNN's
+``nn.GRU`` and ``nn.LSTM``, every call followed by ``torch.cuda.synchronize()``, peak memory from
+``torch.cuda.max_memory_allocated``:
+
+    python benchmarks/speed.py --device cuda --batch 1 8 64 --hidden 512 1350 2048 --steps 70 \
+        --activity 1.0 0.2 0.05 --input dense --out speed-cuda.json
+
 ``--busy N`` starts N processes that spin on the CPU (another job using the cores) before the
 timings and stops them after: a user's machine is rarely idle, and code that synchronises its
 threads often can stall whenever one of them is descheduled.
@@ -80,11 +87,27 @@ def busy_cores(n: int):
             proc.join()
 
 
+DEVICE = torch.device("cpu")  # where the models and inputs live (--device)
+
+
+def _synchronized(fn):
+    """``fn`` followed by a wait for the GPU's queue (nothing on the CPU)."""
+    if DEVICE.type != "cuda":
+        return fn
+
+    def call():
+        fn()
+        torch.cuda.synchronize()
+
+    return call
+
+
 def median_times(fns, repeats: int, warmup: int = 1) -> list:
     """Median wall-clock seconds of each of ``fns``, called in turn (one call of each per
     round), so that functions timed together see the same state of the machine, after
     ``warmup`` calls of each (numba compilation, the allocator, and the event backward's
     choice of thread mode, which times each mode twice before it settles)."""
+    fns = [_synchronized(fn) for fn in fns]
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -101,8 +124,15 @@ def peak_memory(fn) -> int:
     """Peak bytes held by torch's CPU allocator during ``fn`` above what was held before.
 
     From the profiler's memory events (allocations positive, frees negative, in time order).
-    The event kernels' own numpy scratch buffers are O(B·H) and not counted.
+    The event kernels' own numpy scratch buffers are O(B·H) and not counted. On a GPU: the peak
+    of ``torch.cuda.max_memory_allocated`` above what was allocated before.
     """
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _synchronized(fn)()
+        return torch.cuda.max_memory_allocated() - before
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -179,7 +209,7 @@ def time_model(model, x, repeats: int, *, input_grad: bool, memory: bool = True,
     result = {"forward_s": fwd_times[0], "forward_backward_s": step_times[0]}
     if alongside is not None:
         result.update(gru_forward_s=fwd_times[1], gru_forward_backward_s=step_times[1])
-    if isinstance(model, egru.EGRU) and model.backend != "reference":
+    if isinstance(model, egru.EGRU) and model.backend != "reference" and DEVICE.type == "cpu":
         # fraction of the dense W_hᵀδ MACs the backward pass did (1.0: dense mode, see event.py)
         from egru.kernels import event
 
@@ -235,9 +265,9 @@ def run(batches, hiddens, activities, backends, steps, repeats, reference_max_hi
         I = input_size or H
         for B in batches:
             torch.manual_seed(0)
-            x_dense = torch.randn(steps, B, I)
-            gru = torch.nn.GRU(I, H)
-            lstm = torch.nn.LSTM(I, H)
+            x_dense = torch.randn(steps, B, I).to(DEVICE)
+            gru = torch.nn.GRU(I, H).to(DEVICE)
+            lstm = torch.nn.LSTM(I, H).to(DEVICE)
             for mode in inputs:
                 input_grad = mode == "sparse"  # a stacked layer passes its gradient down
                 base = {"B": B, "H": H, "I": I, "T": steps, "input": mode, "input_grad": input_grad}
@@ -250,7 +280,7 @@ def run(batches, hiddens, activities, backends, steps, repeats, reference_max_hi
                                  **time_model(lstm, x_dense, repeats, input_grad=input_grad)})
                     print(_fmt(rows[-1], gru_row), flush=True)
                 for target in activities:
-                    x = x_dense if mode == "dense" else sparse_events(x_dense.shape, target)
+                    x = x_dense if mode == "dense" else sparse_events(x_dense.shape, target).to(DEVICE)
                     for density in weight_densities:
                         for backend in backends:
                             if backend == "reference" and H > reference_max_hidden:
@@ -278,12 +308,19 @@ def set_threshold_like(model, key, gru, x, target) -> None:
     with the weight density the probe is pruned to)."""
     key = (id(gru), key)
     if key not in _thresholds:
-        probe = pruned(egru.EGRU.from_gru(gru, backend="event"), key[1][-1])
-        set_activity(probe, x, target)
+        probe = pruned(egru.EGRU.from_gru(gru.cpu() if DEVICE.type == "cpu" else _cpu_copy(gru),
+                                          backend="event"), key[1][-1])
+        set_activity(probe, x.cpu(), target)
         _thresholds[key] = probe.threshold_l0.detach().clone()
     with torch.no_grad():
         for threshold in model.thresholds():
             threshold.copy_(_thresholds[key])
+
+
+def _cpu_copy(module):
+    import copy
+
+    return copy.deepcopy(module).cpu()
 
 
 def ratios(row, gru_row) -> tuple:
@@ -368,7 +405,8 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            **({"gpu": torch.cuda.get_device_name()} if DEVICE.type == "cuda" else {})}
 
 
 def main(argv=None) -> None:
@@ -377,7 +415,9 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--activity", type=float, nargs="+", default=[1.0, 0.5, 0.1, 0.01],
                         help="target activities (1 − sparsity)")
-    parser.add_argument("--backends", nargs="+", default=["event", "auto", "reference"])
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="EGRU backends (default: event auto reference; on CUDA triton reference)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time (default: cpu)")
     parser.add_argument("--input", nargs="+", choices=["dense", "sparse"], default=["dense", "sparse"],
                         help="dense: a first layer's data input; sparse: a stacked layer's event input")
     parser.add_argument("--support-k", type=float, default=1.0,
@@ -413,6 +453,12 @@ def main(argv=None) -> None:
         return
     if args.quick:
         args.hidden, args.activity, args.repeats = [256], [0.5, 0.1], 3
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.backends is None:
+        args.backends = ["triton", "reference"] if DEVICE.type == "cuda" else ["event", "auto", "reference"]
     torch.set_num_threads(args.threads)
     try:
         import numba
