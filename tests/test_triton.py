@@ -155,3 +155,65 @@ def test_state_carries_over_between_calls():
     assert torch.equal(torch.cat([first.e, second.e]), whole.e)
     assert torch.allclose(torch.cat([first.y, second.y]), whole.y, rtol=0, atol=1e-12)
     assert torch.allclose(second.state.c, whole.state.c, rtol=0, atol=1e-12)
+
+
+def compile_every_kernel(capability: int = 90) -> list:
+    """Compile every kernel, in every configuration the backend launches, for a CUDA GPU of
+    this compute capability (to PTX, with Triton's own toolchain: no GPU needed). Returns the
+    sizes of the PTX."""
+    from triton import compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    te = triton_event
+    sizes = []
+
+    def build(fn, signature, constexprs):
+        kernel = compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                         target=GPUTarget("cuda", capability, 32))
+        sizes.append(len(kernel.asm["ptx"]))
+
+    for dt in ("fp64", "fp32"):
+        build(te._compact, {"flags_ptr": f"*{dt}", "index_ptr": "*i32", "count_ptr": "*i32", "H": "i32",
+                            "BLOCK": "constexpr"}, {"BLOCK": te.BLOCK_COMPACT})
+        pointers = ["gi", "y_prev", "c_prev", "index", "count", "w_t", "b_hh", "theta", "zoneout", "valid", "y", "c",
+                    "e", "c_hat", "gates", "gh_n"]
+        forward = {f"{n}_ptr": {"index": "*i32", "count": "*i32", "valid": "*i8"}.get(n, f"*{dt}") for n in pointers}
+        forward.update(B="i32", H="i32", zoneout_p="fp32", HAS_BIAS="constexpr", ZONEOUT="constexpr",
+                       LENGTHS="constexpr", BLOCK="constexpr", BLOCK_K="constexpr")
+        pointers = ["g_y", "g_y_rec", "g_c_hat", "g_e", "d_c", "c_hat", "c_prev", "gates", "gh_n", "theta", "zoneout",
+                    "valid", "d_gi", "d_gh", "d_theta"]
+        backward = {f"{n}_ptr": "*i8" if n == "valid" else f"*{dt}" for n in pointers}
+        backward.update(H="i32", zoneout_p="fp32", gamma="fp32", support_k="fp32", ZONEOUT="constexpr",
+                        LENGTHS="constexpr", BLOCK="constexpr")
+        for zoneout in (0, 1, 2):
+            for lengths in (False, True):
+                build(te._forward_step, forward, {"HAS_BIAS": True, "ZONEOUT": zoneout, "LENGTHS": lengths,
+                                                  "BLOCK": te.BLOCK_UNITS, "BLOCK_K": te.BLOCK_ACTIVE})
+                build(te._backward_step, backward, {"ZONEOUT": zoneout, "LENGTHS": lengths, "BLOCK": te.BLOCK_UNITS})
+        build(te._forward_step, forward, {"HAS_BIAS": False, "ZONEOUT": 0, "LENGTHS": False,
+                                          "BLOCK": te.BLOCK_UNITS, "BLOCK_K": te.BLOCK_ACTIVE})
+        build(te._recurrent_grad, {"d_gh_ptr": f"*{dt}", "index_ptr": "*i32", "count_ptr": "*i32", "w_t_ptr": f"*{dt}",
+                                   "out_ptr": f"*{dt}", "H": "i32", "BLOCK_K": "constexpr", "BLOCK_G": "constexpr"},
+              {"BLOCK_K": te.BLOCK_ACTIVE, "BLOCK_G": 64})
+    return sizes
+
+
+def test_every_kernel_compiles_for_a_gpu(tmp_path):
+    """The interpreter runs kernels as Python and misses what only the compiler checks (types of
+    loop-carried values, what a constexpr branch may define): compile them all for a Hopper GPU,
+    in a process where the interpreter is off and the cache empty."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_triton; "
+            "sizes = test_triton.compile_every_kernel(); print(len(sizes), min(sizes))")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    count, smallest = map(int, done.stdout.split())
+    assert count == 30 and smallest > 1000

@@ -58,7 +58,7 @@ def _compact(flags_ptr, index_ptr, count_ptr, H, BLOCK: tl.constexpr):
     """Per sample (program), the indices of its nonzero ``flags`` (B, H) in increasing order
     into ``index`` (B, H), their number into ``count`` (B,)."""
     b = tl.program_id(0)
-    total = 0
+    total = tl.zeros([], dtype=tl.int32)  # typed: a loop-carried value may not change type
     for start in range(0, H, BLOCK):
         units = start + tl.arange(0, BLOCK)
         inside = units < H
