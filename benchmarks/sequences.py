@@ -2,7 +2,7 @@
 
     python benchmarks/sequences.py runs/smnist-egru runs/smnist-gru ...
 
-One row per run: task, model, test accuracy, activity and backward sparsity per layer, forward
+One row per run: task, model, readout (last step or mean over steps), test accuracy, activity and backward sparsity per layer, forward
 MACs per step against the same task's dense GRU (the GRU row of the same task and sizes, else
 the EGRU's own dense count, which is the GRU's), training sequences per second, wall time, and
 NeuroBench's figures where the run measured them.
@@ -29,7 +29,7 @@ def row(result: dict, dense_gru_macs: float) -> list:
     macs = sum(layer["effective_macs_per_token"] for layer in layers)
     per_second = result.get("train_sequences_per_second",
                             result["train_tokens_per_second"] / STEPS.get(cfg["task"], 1))
-    cells = [cfg["task"], cfg["model"], f"{test['accuracy']:.1%}",
+    cells = [cfg["task"], cfg["model"], cfg.get("readout", "last"), f"{test['accuracy']:.1%}",
              " / ".join(f"{1 - layer['activity']:.1%}" for layer in layers),
              " / ".join(f"{1 - layer['backward_activity']:.1%}" for layer in layers),
              f"{macs:,.0f} ({macs / dense_gru_macs:.2f})", f"{per_second:,.1f}",
@@ -51,7 +51,7 @@ def table(results: list) -> str:
         source = same[0] if same else result
         return sum(layer["dense_macs_per_token"] for layer in source["test"]["layers"].values())
 
-    head = ["task", "model", "test accuracy", "activity sparsity", "backward sparsity",
+    head = ["task", "model", "readout", "test accuracy", "activity sparsity", "backward sparsity",
             "MACs per step (vs dense GRU)", "training sequences/s", "training time",
             "NeuroBench activation sparsity", "NeuroBench MACs per sequence (effective of dense)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -65,7 +65,7 @@ def compare(tensors, dtype, seed=1, **kwargs):
         (ref.y, ref.c_hat, ref.state.y, ref.state.c), (tri.y, tri.c_hat, tri.state.y, tri.state.c)))
     grads = {k: float((ref_grads[k] - tri_grads[k]).abs().max() / (1 + ref_grads[k].abs().max()))
              for k in ref_grads}
-    return forward, grads, float(ref.e.mean())
+    return forward, grads, float(ref.e.detach().mean())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
