@@ -35,7 +35,7 @@ CHUNK = 250  # sequences the numpy engine runs at once
 def engine_numbers(engine, inputs: np.ndarray) -> dict:
     """Run the engine over Q15 ``inputs`` (N, T, I): its classes and its events and MACs per
     step, averaged over every step of every sequence."""
-    classes, activity, macs = [], [], {"input": 0.0, "recurrent": 0.0}
+    classes, activity = [], []
     per_layer = {"input": np.zeros(len(engine.layers)), "recurrent": np.zeros(len(engine.layers))}
     steps = inputs.shape[0] * inputs.shape[1]
     for start in range(0, len(inputs), CHUNK):
@@ -47,8 +47,7 @@ def engine_numbers(engine, inputs: np.ndarray) -> dict:
     activity = np.sum(activity, axis=0) / (steps * np.array(engine.layer_sizes))
     dense = {"input": [3 * l.hidden_size * l.input_size for l in engine.layers],
              "recurrent": [3 * l.hidden_size * l.hidden_size for l in engine.layers]}
-    for part in per_layer:
-        macs[part] = (per_layer[part] / steps).tolist()
+    macs = {part: (total / steps).tolist() for part, total in per_layer.items()}
     event_step = sum(map(sum, macs.values())) + engine.hidden_size  # the trace: one per unit
     dense_step = sum(map(sum, dense.values())) + engine.hidden_size
     return {"classes": np.concatenate(classes), "activity": activity.tolist(),

@@ -308,19 +308,12 @@ def set_threshold_like(model, key, gru, x, target) -> None:
     with the weight density the probe is pruned to)."""
     key = (id(gru), key)
     if key not in _thresholds:
-        probe = pruned(egru.EGRU.from_gru(gru.cpu() if DEVICE.type == "cpu" else _cpu_copy(gru),
-                                          backend="event"), key[1][-1])
+        probe = pruned(egru.EGRU.from_gru(gru, backend="event").cpu(), key[1][-1])  # searched on the CPU
         set_activity(probe, x.cpu(), target)
         _thresholds[key] = probe.threshold_l0.detach().clone()
     with torch.no_grad():
         for threshold in model.thresholds():
             threshold.copy_(_thresholds[key])
-
-
-def _cpu_copy(module):
-    import copy
-
-    return copy.deepcopy(module).cpu()
 
 
 def ratios(row, gru_row) -> tuple:

@@ -146,6 +146,7 @@ class Event:
     """``backend="event"``: :func:`egru.functional.egru_layer` with event-driven kernels."""
 
     name = "event"
+    unsupported = staticmethod(unsupported)  # why its kernels cannot compute a call (None: they can)
 
     def __init__(self, tuning: Tuning = Tuning()):
         self.tuning = tuning
@@ -158,7 +159,7 @@ class Event:
         args = (x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate)
         kwargs = dict(lengths=lengths, zoneout_p=zoneout_p, zoneout_mask=zoneout_mask,
                       reverse=reverse)
-        reason = unsupported(x, weight_hh, surrogate)
+        reason = self.unsupported(x, weight_hh, surrogate)
         if reason is not None:
             self._fallback(reason)
             return functional.egru_layer(*args, **kwargs)
@@ -173,7 +174,7 @@ class Event:
     def _fallback(self, reason: str) -> None:
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(f"egru backend 'event': {reason}; using the reference backend instead",
+            warnings.warn(f"egru backend '{self.name}': {reason}; using the reference backend instead",
                           RuntimeWarning, stacklevel=5)
 
     def _run(self, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, *,
@@ -236,31 +237,18 @@ def _triton_available() -> bool:
 
 class Triton(Event):
     """``backend="triton"``: :func:`egru.functional.egru_layer` with the event-driven Triton
-    kernels. Pruning masks need no kernel of their own here: the weights are masked already."""
+    kernels (the event backend's dispatch, its own kernels)."""
 
     name = "triton"
+    unsupported = staticmethod(triton_unsupported)
 
-    @_outside_autocast
-    def __call__(self, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, *,
-                 lengths=None, zoneout_p=0.0, zoneout_mask=None, reverse=False,
-                 weight_ih_mask=None, weight_hh_mask=None) -> LayerOutput:
-        args = (x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate)
-        kwargs = dict(lengths=lengths, zoneout_p=zoneout_p, zoneout_mask=zoneout_mask, reverse=reverse)
-        reason = triton_unsupported(x, weight_hh, surrogate)
-        if reason is not None:
-            self._fallback(reason)
-            return functional.egru_layer(*args, **kwargs)
-        return run_triton(*args, **kwargs)
-
-    def _fallback(self, reason: str) -> None:
-        if reason not in self._warned:
-            self._warned.add(reason)
-            warnings.warn(f"egru backend 'triton': {reason}; using the reference backend instead",
-                          RuntimeWarning, stacklevel=5)
+    def _run(self, *args, masks, dense_forward, **kwargs) -> LayerOutput:
+        return run_triton(*args, **kwargs)  # the weights arrive masked: pruning needs nothing more
 
 
 def run_triton(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, *,
-               lengths, zoneout_p, zoneout_mask, reverse) -> LayerOutput:
+               lengths=None, zoneout_p=0.0, zoneout_mask=None, reverse=False,
+               weight_ih_mask=None, weight_hh_mask=None) -> LayerOutput:
     """One layer and direction through :func:`egru.kernels.triton_event.layer`."""
     from .kernels import triton_event
 
@@ -305,8 +293,6 @@ class Auto(Event):
 
     def __call__(self, x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, **kwargs):
         if x.device.type == "cuda" and triton_unsupported(x, weight_hh, surrogate) is None:
-            kwargs.pop("weight_ih_mask", None), kwargs.pop("weight_hh_mask", None)
-            kwargs = {"lengths": None, "zoneout_p": 0.0, "zoneout_mask": None, "reverse": False, **kwargs}
             return run_triton(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, **kwargs)
         return super().__call__(x, state, weight_ih, weight_hh, bias_ih, bias_hh, threshold, surrogate, **kwargs)
 

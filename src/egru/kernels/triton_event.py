@@ -288,25 +288,22 @@ class _Layer(torch.autograd.Function):
         grid = (B, triton.cdiv(H, BLOCK_UNITS))
         dummy = d_gi
         c_prevs = torch.cat([c0.detach().unsqueeze(0), c[:-1]])
-        zero = x.new_zeros(B, H)
+        every_unit = (torch.arange(H, dtype=torch.int32, device=x.device).expand(B, H).contiguous(),
+                      torch.full((B,), H, dtype=torch.int32, device=x.device))
         for t in range(T - 1, -1, -1):
             if valid is not None:  # past the end the carried y is y_{t−1}: its gradient goes on
-                passed = torch.where(valid[t].unsqueeze(-1) != 0, zero, g_y_rec)
+                passed = g_y_rec * (valid[t].unsqueeze(-1) == 0)
             _backward_step[grid](
                 g_y[t], g_y_rec, g_c_hat[t], g_e[t], d_c, c_hat[t], c_prevs[t], gates[t], gh_n[t], theta.detach(),
                 dummy if zoneout_mask is None else zoneout_mask[t], dummy if valid is None else valid[t],
                 d_gi[t], d_gh[t], d_theta, H, zoneout_p, gamma, support_k,
                 ZONEOUT=zoneout, LENGTHS=valid is not None, BLOCK=BLOCK_UNITS)
-            g_y_rec = x.new_zeros(B, H) if valid is None else passed.clone()
-            if t > 0:
-                previous = (index[t - 1], count[t - 1])
-            else:  # the initial state: every unit (y0 is given, not fired)
-                previous = (torch.arange(H, dtype=torch.int32, device=x.device).expand(B, H).contiguous(),
-                            torch.full((B,), H, dtype=torch.int32, device=x.device))
+            # the initial state y0 is given, not fired: its gradient is needed at every unit
+            previous = (index[t - 1], count[t - 1]) if t > 0 else every_unit
             rec = x.new_zeros(B, H)
             _recurrent_grad[(B, triton.cdiv(H, BLOCK_ACTIVE))](
                 d_gh[t], previous[0], previous[1], w_t, rec, H, BLOCK_K=BLOCK_ACTIVE, BLOCK_G=64)
-            g_y_rec += rec
+            g_y_rec = rec if valid is None else rec + passed
         y_prevs = torch.cat([y0.detach().unsqueeze(0), carried_y[:-1]])
         d_x = torch.matmul(d_gi, w_ih) if ctx.needs_input_grad[0] else None
         d_w_ih = d_gi.reshape(T * B, 3 * H).t() @ x.reshape(T * B, -1) if ctx.needs_input_grad[3] else None

@@ -27,8 +27,9 @@ computed densely, for comparison.
 ``write_egru_test_vectors(engine, inputs, out_dir, name)`` adds ``<name>_vectors.h`` (Q15 input
 sequences and what the Python engine computes from them: the last layer's outputs and every
 layer's number of events at every step, every layer's final internal state, the final output
-trace where there is one and, with a readout, the final logits) and ``<name>_check.c``, a program that counts the values that differ (host:
-``cc -std=c99 <name>.c <name>_check.c``; device: :mod:`.device`).
+trace where there is one and, with a readout, the final logits) and ``<name>_check.c``, a
+program that counts the values that differ (host: ``cc -std=c99 <name>.c <name>_check.c``;
+device: :mod:`.device`).
 """
 
 from __future__ import annotations
