@@ -1,5 +1,6 @@
 """`egru` misused: one line on stderr, exit status 2, no traceback, no run directory left behind."""
 
+import argparse
 import subprocess
 import sys
 
@@ -44,7 +45,7 @@ def error_line(code, capfd) -> str:
     (["--backend", "nope"], "unknown backend 'nope'"),
     (["--batch-size", "500"], "batch_size 500 is too large: ptb's train split has 400 tokens"),
     (["--eval-batch-size", "60"], "eval_batch_size 60 is too large"),
-    (["--resume"], "last.pt does not exist"),
+    (["--resume"], "holds no run to resume"),
 ])
 def test_train_lm_refuses_bad_values(tmp_path, capfd, options, message):
     code = cli.main(["train", "lm", "--run-dir", str(tmp_path / "run"), "--no-progress", *options])
@@ -153,3 +154,110 @@ def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr == "egru train lm: error: max_steps must be a positive integer or None, got 0\n"
     assert not run.exists()
+
+
+# --- every option offered can be used --------------------------------------------------------
+
+def _config_commands():
+    """(argv prefix, its subparser) of every command whose options fill a config."""
+    parser = cli.build_parser()
+    subcommands = lambda p: next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices  # noqa: E731
+    commands = {("demo",): subcommands(parser)["demo"]}
+    for name, sub in subcommands(subcommands(parser)["train"]).items():
+        commands[("train", name, "--run-dir", "RUN")] = sub
+    return commands
+
+
+def _values(action):
+    """Values worth trying for an option: its choices, both sides of a flag, or a few numbers."""
+    if action.choices:
+        return list(action.choices)
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [f"--{action.dest[len(cli.PREFIX):].replace('_', '-')}",
+                f"--no-{action.dest[len(cli.PREFIX):].replace('_', '-')}"]
+    return ["1", "2", "8", "0.5", "0.1", "0", "30"]
+
+
+def _accepted(argv) -> bool:
+    args = cli.build_parser().parse_args(argv)
+    try:
+        args.config(args)
+    except ValueError:
+        return False
+    return True
+
+
+def _parses(argv) -> bool:
+    try:
+        cli.build_parser().parse_args(argv)
+    except SystemExit:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("command", list(_config_commands()), ids=lambda c: " ".join(c[:2]))
+def test_every_option_offered_is_accepted_with_some_value(command, capsys):
+    """An option --help offers has a value the command accepts, alone or with one other choice."""
+    parser = _config_commands()[command]
+    options = [a for a in parser._actions if a.dest.startswith(cli.PREFIX)]
+    contexts = [[]] + [[a.option_strings[0], v] for a in parser._actions if a.option_strings and a.choices
+                       for v in a.choices]
+    refused = []
+    for action in options:
+        flag = action.option_strings[0]
+        tries = [[v] if v.startswith("--") else [flag, v] for v in _values(action)]
+        tries = [t for t in tries if _parses([*command, *t])]
+        if not any(_accepted([*command, *context, *t]) for t in tries for context in contexts):
+            refused.append(flag)
+        if action.choices:  # each choice, not just one
+            refused += [f"{flag} {v}" for v in action.choices
+                        if not any(_accepted([*command, *context, flag, v]) for context in contexts)]
+    capsys.readouterr()
+    assert refused == []
+
+
+def test_online_learning_offers_no_other_core(capsys):
+    assert cli.main(["train", "online", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--quantize", "--quantize-start", "--q15-ranges"):
+        assert flag not in text.split()
+    code = cli.main(["train", "online", "--run-dir", "RUN", "--model", "gru"])
+    assert code == 2
+
+
+@pytest.mark.parametrize("size,message", [
+    ("1000000000", "the model's sizes are too large to allocate"),
+    ("100000", "GiB, more than the"),
+])
+def test_a_model_too_large_for_memory_is_refused_in_one_line(tmp_path, capfd, size, message):
+    code = cli.main(["train", "lm", "--run-dir", str(tmp_path / "run"), "--hidden-size", size, "--no-progress"])
+    assert message in error_line(code, capfd)
+
+
+def test_an_allocation_that_fails_is_one_line(tmp_path, capfd, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 480000000000 bytes.\nmore")
+    monkeypatch.setattr(lm, "train_and_evaluate", refuse)
+    code = cli.main(["train", "lm", "--run-dir", str(tmp_path / "run"), "--no-progress"])
+    line = error_line(code, capfd)
+    assert line.startswith("egru train lm: error: not enough memory for the sizes asked for") and "more" in line
+
+
+def test_a_checkpoint_of_other_shapes_is_named_in_one_line(tmp_path, capfd, monkeypatch):
+    from egru.recipes import classify
+
+    generator = torch.Generator().manual_seed(0)
+    split = lambda n: (torch.randn(n, 6, 3, generator=generator), torch.randint(4, (n,), generator=generator))  # noqa: E731
+    monkeypatch.setitem(classify.TASKS, "mnist1d", lambda **kw: classify.Sequences(
+        {"train": split(16), "test": split(8)}, num_classes=4))
+    run = tmp_path / "run"
+    assert cli.main(["train", "classify", "--run-dir", str(run), "--hidden-size", "6", "--batch-size", "8",
+                     "--max-steps", "1", "--neurobench", "0", "--no-progress"]) == 0
+    ckpt = torch.load(run / "best.pt", weights_only=False)
+    ckpt["model"]["layers.0.weight_hh_l0"] = torch.zeros(18, 5)
+    torch.save(ckpt, tmp_path / "other.pt")
+    capfd.readouterr()
+    line = error_line(cli.main(["export-c", str(tmp_path / "other.pt"), "--out", str(tmp_path / "c")]), capfd)
+    assert line == ("egru export-c: error: the checkpoint does not fit a egru classifier: layers.0.weight_hh_l0 "
+                    "has shape (18, 5) where the model expects (18, 6)")

@@ -4,6 +4,7 @@ engine. On generated tones (never skipped) and on the real FSDD where EGRU_DATA_
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -144,6 +145,23 @@ def test_export_refuses_float_only_models_and_options_are_checked(tmp_path, caps
     assert "options of the embedded model" in capsys.readouterr().err
     assert cli.main(["train", "classify", "--run-dir", str(tmp_path / "no"), "--layer-sizes", "30,x"]) == 2
     assert "layer_sizes must be comma-separated positive integers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, key, name", [
+    ("egru", "layers.0.weight_hh_l0", "weight_hh_l0 of module 0"),
+    ("embedded", "layers.1.rnn.cells.0.weight_z", "cells.0.weight_z of module 1")])
+def test_export_refuses_a_checkpoint_holding_nan(model, key, name, tmp_path, capsys):
+    """A checkpoint (untrained, saved as training saves one) whose weight holds a NaN: ``egru
+    export-c`` fails with one line naming the tensor and writes nothing."""
+    cfg = classify.ClassifyConfig(task="fsdd", model=model, layer_sizes="6,6")
+    state = classify.Classifier(cfg, 64, 3).state_dict()
+    state[key][0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save({"kind": classify.ClassifyTask.KIND, "config": dataclasses.asdict(cfg), "input_size": 64,
+                "num_classes": 3, "model": state, "optimizer": {}, "position": {}, "rng": {}}, path)
+    assert cli.main(["export-c", str(path), "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err == f"egru export-c: error: {name} holds NaN\n"
+    assert not (tmp_path / "c").exists()
 
 
 def test_fsdd_task_on_the_real_recordings():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import egru
 from egru import mcu
 
 DTYPE = torch.float64
@@ -113,7 +114,7 @@ def test_layer_stacks_cells_and_follows_nn_gru_layouts():
 
 def test_bad_shapes_are_refused():
     layer = mcu.EmbeddedGRU(3, 5, num_layers=2)
-    with pytest.raises(ValueError, match="I = 3"):
+    with pytest.raises(ValueError, match="3 features, got 4"):
         layer(torch.randn(4, 2, 4))
     with pytest.raises(ValueError, match="h0"):
         layer(torch.randn(4, 2, 3), torch.zeros(1, 2, 5))
@@ -121,6 +122,65 @@ def test_bad_shapes_are_refused():
         mcu.EmbeddedGRU(3, 0)
     with pytest.raises(ValueError, match="h of shape"):
         layer.cells[0](torch.randn(2, 3), torch.zeros(3, 5))
+
+
+def raised(call):
+    """The type and message of the error ``call()`` raises."""
+    with pytest.raises(Exception) as error:
+        call()
+    return error.type, str(error.value)
+
+
+# inputs refused by egru.EGRU, for a layer of input size 3 (B, T swapped with batch_first)
+BAD_SEQUENCES = {
+    "empty sequence": lambda bf: torch.zeros(2, 0, 3) if bf else torch.zeros(0, 2, 3),
+    "empty unbatched sequence": lambda bf: torch.zeros(0, 3),
+    "empty batch": lambda bf: torch.zeros(0, 4, 3) if bf else torch.zeros(4, 0, 3),
+    "float64 input": lambda bf: torch.zeros(4, 2, 3, dtype=torch.float64),
+    "float64 unbatched input": lambda bf: torch.zeros(4, 3, dtype=torch.float64),
+    "4-d input": lambda bf: torch.zeros(4, 2, 3, 1),
+    "1-d input": lambda bf: torch.zeros(4),
+    "wrong features": lambda bf: torch.zeros(4, 2, 5),
+    "wrong unbatched features": lambda bf: torch.zeros(4, 5),
+    "meta device": lambda bf: torch.zeros(4, 2, 3, device="meta"),
+}
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("name", BAD_SEQUENCES)
+def test_layer_refuses_the_inputs_egru_refuses_with_its_errors(name, batch_first):
+    x = BAD_SEQUENCES[name](batch_first)
+    layer = mcu.EmbeddedGRU(3, 5, num_layers=2, batch_first=batch_first)
+    reference = egru.EGRU(3, 5, num_layers=2, batch_first=batch_first)
+    assert raised(lambda: layer(x)) == raised(lambda: reference(x))
+
+
+def test_layer_refuses_the_states_egru_refuses_with_its_errors():
+    layer, reference = mcu.EmbeddedGRU(3, 5, num_layers=2), egru.EGRU(3, 5, num_layers=2)
+    ok = torch.zeros(2, 2, 5)
+    for x, h0 in [
+        (torch.zeros(4, 2, 3), torch.zeros(1, 2, 5)),  # one layer's state for two
+        (torch.zeros(4, 3), ok),  # batched state, unbatched input
+        (torch.zeros(4, 2, 3), ok.double()),
+        (torch.zeros(4, 2, 3), ok.to("meta")),
+        (torch.zeros(4, 2, 3), ok.tolist()),
+    ]:
+        error, message = raised(lambda: reference(x, (h0, ok if x.dim() == 3 else ok[:, 0])))
+        assert raised(lambda: layer(x, h0)) == (error, message.replace("y_0", "h0")), (x.shape, h0)
+    with pytest.raises(TypeError, match="expected input to be a Tensor, got list"):
+        layer([[0.0] * 3] * 4)
+
+
+def test_cell_refuses_what_egru_cell_refuses_with_its_errors():
+    cell, reference = mcu.EmbeddedGRUCell(3, 5), egru.EGRUCell(3, 5)
+    for x in (torch.zeros(2, 3, 1), torch.zeros(2, 5), torch.zeros(5), torch.zeros(2, 3, dtype=torch.float64),
+              torch.zeros(3, device="meta"), [0.0] * 3):
+        assert raised(lambda: cell(x)) == raised(lambda: reference(x)), x
+    ok = torch.zeros(2, 5)
+    for x, h in [(torch.zeros(2, 3), torch.zeros(3, 5)), (torch.zeros(3), ok),
+                 (torch.zeros(2, 3), ok.double()), (torch.zeros(2, 3), ok.to("meta"))]:
+        error, message = raised(lambda: reference(x, (h, ok if x.dim() == 2 else ok[0])))
+        assert raised(lambda: cell(x, h)) == (error, message.replace("state y", "h")), (x.shape, h)
 
 
 def test_initial_weights_are_those_of_nn_gru():

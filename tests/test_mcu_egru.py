@@ -6,6 +6,7 @@ converter and the exporter refuse."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -107,6 +108,20 @@ def test_weights_too_large_for_32_bit_sums_are_refused():
     model = make_model(I=200, H=200, layers=1, scale=10_000.0)  # Σ|w| of a row ≈ 10^5
     with pytest.raises(ValueError, match="too large for 32-bit gate sums"):
         EGRUQ15.from_module(model)
+
+
+@pytest.mark.parametrize("value, word", [(float("nan"), "NaN"), (float("inf"), "inf"), (-float("inf"), "inf")])
+@pytest.mark.parametrize("tensor", ["weight_hh_l1", "bias_ih_l0", "threshold_l1", "readout.weight"])
+def test_non_finite_parameters_are_refused_by_name(tensor, value, word):
+    """A NaN or infinite weight, bias, threshold or readout weight is refused, naming the tensor
+    (rounded and saturated, it would become an arbitrary integer)."""
+    model = make_model(I=3, H=4)
+    readout = torch.nn.Linear(4, 2, dtype=torch.float64)
+    parameter = readout.weight if tensor == "readout.weight" else getattr(model, tensor)
+    with torch.no_grad():
+        parameter[(0,) * parameter.dim()] = value
+    with pytest.raises(ValueError, match=re.escape(f"{tensor} holds {word}")):
+        EGRUQ15.from_module(model, readout)
 
 
 def test_activation_tables_within_their_error_bound():

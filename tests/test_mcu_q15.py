@@ -3,6 +3,8 @@ float embedded eGRU with the same 3-bit weights, within a bound, on random input
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,21 @@ def test_layers_of_different_sizes_and_their_checks():
         q15.Q15Layers([second, first])
     with pytest.raises(ValueError, match="dense layer of 4 inputs follows 3"):
         q15.Q15Classifier([first, second], [torch.nn.Linear(4, 2)])
+
+
+@pytest.mark.parametrize("value, word", [(float("nan"), "NaN"), (float("inf"), "inf"), (-float("inf"), "inf")])
+@pytest.mark.parametrize("tensor", ["cells.1.weight_z", "cells.0.bias_h", "head[1].weight", "head[0].bias"])
+def test_non_finite_parameters_are_refused_by_name(tensor, value, word):
+    """A NaN or infinite recurrent weight (whose 3-bit code would be 0 or ±1 without a word), bias
+    or head weight is refused, naming the tensor; as are such inputs."""
+    torch.manual_seed(0)
+    recurrent = mcu.EmbeddedGRU(3, 5, num_layers=2, dtype=torch.float64)
+    head = [torch.nn.Linear(5, 4, dtype=torch.float64), torch.nn.Linear(4, 2, dtype=torch.float64)]
+    parameters = {**dict(recurrent.named_parameters()),
+                  **{f"head[{k}].{name}": p for k, layer in enumerate(head) for name, p in layer.named_parameters()}}
+    with torch.no_grad():
+        parameters[tensor][(0,) * parameters[tensor].dim()] = value
+    with pytest.raises(ValueError, match=re.escape(f"{tensor} holds {word}")):
+        q15.Q15Classifier(recurrent, head)
+    with pytest.raises(ValueError, match=f"an input holds {word}"):
+        q15.to_q15([0.5, value])

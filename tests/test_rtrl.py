@@ -249,6 +249,25 @@ def test_bad_input():
         learner.reset(2)
 
 
+def test_accumulate_needs_a_step_since_reset():
+    cell, _ = make_cell("mixed", 3, 4)
+    learner = RTRL(cell)
+    learner.reset(2)
+    grad_y = torch.randn(2, 4, dtype=DTYPE)
+    with pytest.raises(RuntimeError, match=r"call step\(x\) before accumulate"):
+        learner.accumulate(grad_y)
+    assert all(p.grad is None for p in cell.parameters())
+    learner.step(torch.randn(2, 3, dtype=DTYPE))
+    learner.accumulate(grad_y)
+    learner.accumulate(grad_y)  # a second loss on the same step
+    saved = learner.state_dict()
+    learner.reset(2)  # a new sequence: the last step is gone
+    with pytest.raises(RuntimeError, match=r"no step since reset"):
+        learner.accumulate(grad_y)
+    learner.load_state_dict(saved)  # continues after the saved learner's step
+    learner.accumulate(grad_y)
+
+
 def test_state_dict_continues_exactly_and_refuses_another_learner():
     torch.manual_seed(3)
     cell = egru.EGRUCell(3, 5, dtype=torch.float64)

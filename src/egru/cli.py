@@ -59,11 +59,13 @@ def _declared(config_cls, name: str):
 def _config_arguments(parser: argparse.ArgumentParser, config_cls, title: str, shown, shown_as: str) -> None:
     """One ``--option`` per field of a config dataclass, grouped by the class that declares it
     (the recipe's own under ``title``), with its meaning, its choices and the value it takes when
-    not given (``shown``'s, described by ``shown_as``)."""
+    not given (``shown``'s, described by ``shown_as``). Fields in ``config_cls.FIXED`` get none."""
     groups = {config_cls.__name__: parser.add_argument_group(title),
               "CoreConfig": parser.add_argument_group("recurrent core"),
               "TrainConfig": parser.add_argument_group("training")}
     for f in dataclasses.fields(config_cls):
+        if f.name in config_cls.FIXED:  # the recipe allows only one value: no option to offer
+            continue
         declared, klass = _declared(config_cls, f.name)
         group = groups[klass.__name__]
         flag, choices = "--" + f.name.replace("_", "-"), declared.metadata.get("choices")
@@ -96,6 +98,25 @@ def lm_config(args):
     return dataclasses.replace(lm.preset(args.preset, getattr(args, PREFIX + "model")), **_overrides(args))
 
 
+def classify_config(args):
+    """The preset (or the defaults) with the options given on top."""
+    from egru.recipes import classify
+
+    return dataclasses.replace(classify.preset(args.preset), **_overrides(args))
+
+
+def online_config(args):
+    from egru.recipes import online
+
+    return online.OnlineConfig(**_overrides(args))
+
+
+def demo_config(args):
+    from egru.recipes import classify
+
+    return classify.ClassifyConfig(**_overrides(args))
+
+
 def _summary(name: str, result: dict, metric: str, fmt: str) -> str:
     """The final evaluations and, per layer, sparsity and MACs (and RTRL's, when it learned)."""
     splits = [s for s in ("valid", "test") if s in result]
@@ -123,10 +144,11 @@ def _summary(name: str, result: dict, metric: str, fmt: str) -> str:
 
 
 def _finish(args, name: str, result: dict, metric: str, fmt: str) -> int:
+    from egru.recipes.common import write_json_atomic
+
     if result:  # only the main process of a distributed run has one
         print(_summary(name, result, metric, fmt))
-        with open(f"{args.run_dir}/results.json", "w") as f:
-            json.dump(result, f, indent=2)
+        write_json_atomic(result, Path(args.run_dir) / "results.json")
     return 0
 
 
@@ -142,7 +164,7 @@ def _train_lm(args) -> int:
 def _train_classify(args) -> int:
     from egru.recipes import classify
 
-    cfg = dataclasses.replace(classify.preset(args.preset), **_overrides(args))
+    cfg = classify_config(args)
     result = classify.train_and_evaluate(cfg, args.run_dir, data_dir=args.data_dir, download=args.download,
                                          resume=args.resume, progress=not args.no_progress)
     return _finish(args, cfg.model, result, "accuracy", ".1%")
@@ -151,7 +173,7 @@ def _train_classify(args) -> int:
 def _train_online(args) -> int:
     from egru.recipes import online
 
-    cfg = online.OnlineConfig(**_overrides(args))
+    cfg = online_config(args)
     result = online.train_and_evaluate(cfg, args.run_dir, data_dir=args.data_dir, download=args.download,
                                        resume=args.resume, progress=not args.no_progress)
     return _finish(args, f"{cfg.model} ({cfg.learning})", result, "accuracy", ".1%")
@@ -184,7 +206,7 @@ def _export_c(args) -> int:
 def _demo(args) -> int:
     from egru.recipes import classify
 
-    cfg = classify.ClassifyConfig(**_overrides(args))
+    cfg = demo_config(args)
     if args.json and not Path(args.json).parent.is_dir():  # found out now, not after training
         raise ValueError(f"cannot write {args.json}: its folder does not exist")
     if args.threads:
@@ -239,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "mnist1d`'s defaults, and compare accuracy, sparsity and "
                                       "multiply-accumulates.")
     _demo_arguments(demo, classify.ClassifyConfig())
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_demo, config=demo_config)
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", required=True)
     shown = "cpu-small-egru"
@@ -257,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_arguments(train_lm)
     _data_arguments(train_lm)
     _config_arguments(train_lm, lm.LMConfig, "language model", lm.PRESETS[shown], shown)
-    train_lm.set_defaults(run=_train_lm)
+    train_lm.set_defaults(run=_train_lm, config=lm_config)
 
     train_classify = train.add_parser(
         "classify", help="sequence classification (MNIST-1D, sequential MNIST, spoken digits)",
@@ -270,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(train_classify)
     _config_arguments(train_classify, classify.ClassifyConfig, "classification", classify.ClassifyConfig(),
                       "default")
-    train_classify.set_defaults(run=_train_classify)
+    train_classify.set_defaults(run=_train_classify, config=classify_config)
 
     train_online = train.add_parser(
         "online", help="online learning of one EGRU cell by RTRL or BPTT (row-wise MNIST, a delay task)",
@@ -280,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_arguments(train_online)
     _data_arguments(train_online)
     _config_arguments(train_online, online.OnlineConfig, "online learning", online.OnlineConfig(), "default")
-    train_online.set_defaults(run=_train_online)
+    train_online.set_defaults(run=_train_online, config=online_config)
 
     export = sub.add_parser(
         "export-c", help="write a trained embedded-eGRU or EGRU classifier as a C99 library",
@@ -335,12 +357,29 @@ def main(argv: list[str] | None = None) -> int:
     name = " ".join(filter(None, ["egru", args.command, getattr(args, "task", None)]))
     try:
         return args.run(args)
-    except (ValueError, ImportError, OSError) as err:  # OSError: say, a file that cannot be written
-        print(f"{name}: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, ImportError, OSError, MemoryError) as err:  # OSError: say, a file that cannot be written
+        return _error(name, err)
+    except RuntimeError as err:
+        if not _out_of_memory(err):
+            raise  # a fault of egru's, not of what was asked: the traceback is for its report
+        return _error(name, f"not enough memory for the sizes asked for ({err})")
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is an allocation that failed (the device's own error, or the CPU allocator's)."""
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def _error(name: str, err) -> int:
+    """``name: error: ...`` on one line (a message of several lines joined), exit status 2."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    print(f"{name}: error: {text}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -30,6 +30,49 @@ def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         raise ValueError(f"expected {name} on device {ref.device} (the layer's), got {t.device}")
 
 
+def check_input(x, like: torch.Tensor, features: int, *, step: bool = False,
+                batch_first: bool = False) -> tuple[torch.Tensor, bool]:
+    """Check a layer's input and return it with a batch axis, time first for a sequence,
+    together with whether it had one. Every layer of the package checks its input here, so
+    that all refuse the same inputs with the same errors.
+
+    A sequence is ``(T, B, I)``, ``(B, T, I)`` with ``batch_first``, or ``(T, I)`` unbatched,
+    with at least one step and one sample; one step (``step=True``) is ``(B, I)`` or ``(I,)``.
+    ``I`` must be ``features``, the dtype and device those of ``like`` (a parameter of the
+    layer). Raises TypeError for a non-tensor or a wrong dtype, ValueError otherwise.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected input to be a Tensor, got {type(x).__name__}")
+    if step:
+        dims, layout = (1, 2), "(B, I) or (I,)"
+    else:
+        dims, layout = (2, 3), ("(B, T, I)" if batch_first else "(T, B, I)") + " or (T, I) unbatched"
+    if x.dim() not in dims:
+        raise ValueError(f"expected input of shape {layout}, got {x.dim()} dimensions with shape {tuple(x.shape)}")
+    _check_like("input", x, like)
+    batched = x.dim() == dims[1]
+    if step:
+        x = x if batched else x.unsqueeze(0)
+    else:
+        x = (x.transpose(0, 1) if batch_first else x) if batched else x.unsqueeze(1)
+        T, B = x.shape[:2]
+        if T == 0 or B == 0:
+            raise ValueError(f"expected a non-empty sequence, got {T} steps and batch size {B}")
+    if x.shape[-1] != features:
+        raise ValueError(f"expected input with {features} features, got {x.shape[-1]}")
+    return x, batched
+
+
+def check_state(name: str, t, shape: tuple, like: torch.Tensor) -> None:
+    """Check one given state tensor, ``name`` in the errors: of ``shape``, and of the dtype and
+    on the device of ``like`` (a parameter of the layer), as :func:`check_input` checks inputs."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected {name} to be a Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"expected {name} of shape {tuple(shape)}, got {tuple(t.shape)}")
+    _check_like(name, t, like)
+
+
 def _check_positive_int(name: str, n) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"{name} must be a positive integer, got {n!r}")
@@ -54,9 +97,9 @@ def init_thresholds_(threshold: torch.Tensor, mean: float, method: str = "beta")
     with torch.no_grad():
         if method == "beta":
             alpha = 3 * mean / (1 - mean)
-            beta = torch.distributions.Beta(
-                torch.tensor(alpha, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)
-            )
+            # drawn on the CPU whatever the threshold's device (the meta device included)
+            beta = torch.distributions.Beta(torch.tensor(alpha, dtype=torch.float64, device="cpu"),
+                                            torch.tensor(3.0, dtype=torch.float64, device="cpu"))
             threshold.copy_(beta.sample(threshold.shape))
         elif method == "sigmoid":
             threshold.copy_(torch.sigmoid(torch.randn_like(threshold) * math.sqrt(2) + mean))
@@ -276,19 +319,13 @@ class EGRU(_ThresholdMixin, nn.Module):
         packed = isinstance(input, PackedSequence)
         if packed:
             x, lengths = pad_packed_sequence(input)  # time-major, original batch order
-            batched = True
-        else:
+        elif isinstance(input, torch.Tensor):
             x, lengths = input, None
-            self._check_input(x)
-            batched = x.dim() == 3
-            x = x.unsqueeze(1) if not batched else (x.transpose(0, 1) if self.batch_first else x)
-        _check_like("input", x, self.weight_ih_l0)
-        T, B, _ = x.shape
-        if T == 0 or B == 0:
-            raise ValueError(f"expected a non-empty sequence, got {T} steps and batch size {B}")
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"expected input with {self.input_size} features, got {x.shape[-1]}")
-        state = self._initial_state(hx, B, batched, x)
+        else:
+            raise TypeError(f"expected input to be a Tensor or PackedSequence, got {type(input).__name__}")
+        x, batched = check_input(x, self.weight_ih_l0, self.input_size,
+                                 batch_first=self.batch_first and not packed)
+        state = self._initial_state(hx, x.shape[1], batched, x)
 
         output, final, records = self._run_layers(x, state, lengths, record)
 
@@ -375,16 +412,6 @@ class EGRU(_ThresholdMixin, nn.Module):
 
     # --- checks -------------------------------------------------------------------------------
 
-    def _check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected input to be a Tensor or PackedSequence, got {type(x).__name__}")
-        if x.dim() not in (2, 3):
-            layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
-            raise ValueError(
-                f"expected input of shape {layout} or (T, I) unbatched, got {x.dim()} dimensions "
-                f"with shape {tuple(x.shape)}"
-            )
-
     def _initial_state(self, hx, B: int, batched: bool, x) -> EGRUState:
         LD, H = self.num_layers * self.num_directions, self.hidden_size
         if hx is None:
@@ -396,11 +423,7 @@ class EGRU(_ThresholdMixin, nn.Module):
             raise ValueError(f"expected hx to be a pair (y_0, c_0), got {got}")
         expected = (LD, B, H) if batched else (LD, H)
         for name, t in zip(("y_0", "c_0"), hx):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"expected {name} to be a Tensor, got {type(t).__name__}")
-            if tuple(t.shape) != expected:
-                raise ValueError(f"expected {name} of shape {expected}, got {tuple(t.shape)}")
-            _check_like(name, t, self.weight_ih_l0)
+            check_state(name, t, expected, self.weight_ih_l0)
         y0, c0 = hx
         return EGRUState(y0, c0) if batched else EGRUState(y0.unsqueeze(1), c0.unsqueeze(1))
 
@@ -465,14 +488,7 @@ class EGRUCell(_ThresholdMixin, nn.Module):
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias}, zoneout={self.zoneout}, surrogate={self.surrogate}"
 
     def forward(self, x: torch.Tensor, state: Optional[tuple] = None) -> EGRUState:
-        if not isinstance(x, torch.Tensor) or x.dim() not in (1, 2):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected input of shape (B, I) or (I,), got {shape}")
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"expected input with {self.input_size} features, got {x.shape[-1]}")
-        _check_like("input", x, self.weight_ih)
-        batched = x.dim() == 2
-        x = x if batched else x.unsqueeze(0)
+        x, batched = check_input(x, self.weight_ih, self.input_size, step=True)
         B, H = x.shape[0], self.hidden_size
         if state is None:
             state = EGRUState.zeros(B, H, dtype=x.dtype, device=x.device)
@@ -481,10 +497,7 @@ class EGRUCell(_ThresholdMixin, nn.Module):
                 raise ValueError("expected state to be a pair (y, c)")
             expected = (B, H) if batched else (H,)
             for name, t in zip(("y", "c"), state):
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
-                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise ValueError(f"expected state {name} of shape {expected}, got {got}")
-                _check_like(f"state {name}", t, self.weight_ih)
+                check_state(f"state {name}", t, expected, self.weight_ih)
             state = EGRUState(*(t if batched else t.unsqueeze(0) for t in state))
         mask = None
         if self.training and self.zoneout > 0:

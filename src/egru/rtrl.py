@@ -135,6 +135,7 @@ class RTRL:
                 block.source_index, minlength=self.input_size if block.source == "x" else H))
             for block in self.blocks]
         self._influence = None  # M_t, (B, H, P); None until reset
+        self._stepped = False  # a step since reset, for accumulate to take the gradient of
         self._rows = None  # room for some rows of a block of M's columns, see _blocks_of_rows
 
     def _weight_and_mask(self, name: str, given: torch.Tensor | None):
@@ -179,6 +180,7 @@ class RTRL:
         self._dy_dthreshold, self._dc_dthreshold = zeros(B, H), zeros(B, H)
         self._influence = zeros(B, H, self.num_columns)
         self._rows = self._rows_room(B)
+        self._stepped = False
 
     # What the learner carries from one step to the next (after reset)
     _CARRIED = ("_y", "_c", "_dy_dchat", "_dc_dchat", "_dy_dthreshold", "_dc_dthreshold", "_influence")
@@ -198,7 +200,8 @@ class RTRL:
         return {name.lstrip("_"): getattr(self, name).clone() for name in self._CARRIED}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a :meth:`state_dict` of a learner of the same cell and columns."""
+        """Continue from a :meth:`state_dict` of a learner of the same cell and columns
+        (:meth:`accumulate` then applies to that learner's latest step)."""
         names = {name.lstrip("_") for name in self._CARRIED}
         if set(state) != names:
             raise ValueError(f"expected the keys {sorted(names)}, got {sorted(state)}")
@@ -210,6 +213,7 @@ class RTRL:
         for name in self._CARRIED:
             setattr(self, name, state[name.lstrip("_")].to(device=ref.device, dtype=ref.dtype, copy=True))
         self._rows = self._rows_room(influence.shape[0])
+        self._stepped = True
 
     def influence_bytes(self) -> int:
         """Bytes of the influence matrix held (0 before :meth:`reset`)."""
@@ -251,6 +255,7 @@ class RTRL:
             self._dy_dchat, self._dc_dchat = e + c_hat * slope, 1 - cell.threshold * slope
             self._dy_dthreshold, self._dc_dthreshold = -c_hat * slope, cell.threshold * slope - e
             self._y, self._c, self._influence = y, c, influence
+        self._stepped = True
         return y.clone().requires_grad_(True)
 
     def _carry_over(self, z, weight_hh, d_gh) -> torch.Tensor:
@@ -339,8 +344,10 @@ class RTRL:
 
     def accumulate(self, grad_y: torch.Tensor) -> None:
         """Add ``∂L_t/∂θ``, summed over the batch, into the parameters' ``.grad``, given
-        ``grad_y = ∂L_t/∂y_t`` (B, H) for the latest step."""
+        ``grad_y = ∂L_t/∂y_t`` (B, H) for the latest step; there must be one since :meth:`reset`."""
         self._check("grad_y", grad_y, self.hidden_size)
+        if not self._stepped:  # the slopes are reset's zeros: the gradient would be a silent 0
+            raise RuntimeError("no step since reset(batch_size): call step(x) before accumulate")
         with torch.no_grad():
             weights = grad_y * self._dy_dchat  # zero outside G_t: those rows of M are not read
             B, H = weights.shape

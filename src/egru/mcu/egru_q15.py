@@ -16,7 +16,7 @@ Numbers.
   first layer's ``W_ih`` is multiplied by ``2^E`` before it is quantised, so the products are
   the same. A threshold of 1 or more saturates to
   32767, which no state exceeds: such a unit never fires, in float (where ``ĉ < 1``) as here.
-* Weights are int16 with a per-tensor power-of-two scale (:func:`.q15.dense_weights`):
+* Weights are int16 with a per-tensor power-of-two scale (:func:`.q15.int16_weights`):
   ``W ≈ values · 2^(e − 15)``, ``e ≥ 0`` the smallest exponent for which the largest ``|w|``
   fits; ``W_ih`` and ``W_hh`` of each layer have their own ``e``.
 * Gate sums are int32 at a per-layer accumulator scale ``2^−F``. A product ``w·u`` of an int16
@@ -27,7 +27,8 @@ Numbers.
   The converter takes the largest ``F`` (at most ``30 − e``, at least 15) for which the worst
   case of every gate row, ``Σ_k ⌈|w_k|·2^15 / 2^s⌉ + |b_ih| + |b_hh|`` plus the rounding term of
   the step below, fits an int32: the sums are never saturated because they cannot overflow, in
-  any order of summation. A model whose sums would not fit even at ``F = 15`` is refused.
+  any order of summation. A model whose sums would not fit even at ``F = 15`` is refused, as is
+  one holding a NaN or infinite weight, bias or threshold (:func:`.q15.check_finite`).
 * A gate's pre-activation goes to Q15 as ``round_shift(sum, F − 15)`` (an int32), then through
   the activation tables.
 
@@ -155,10 +156,11 @@ def worst_case_terms(values: np.ndarray, shift: int) -> np.ndarray:
     return (-((-np.abs(values) * ONE) >> shift)).sum(axis=1)
 
 
-def quantize_bias(bias, bits: int):
+def quantize_bias(bias, bits: int, name: str = "bias"):
+    """``round(b · 2^bits)`` in int32, saturated (None for None); ``name`` names it in errors."""
     if bias is None:
         return None
-    return np.clip(np.rint(np.asarray(bias, dtype=np.float64) * (1 << bits)), *INT32).astype(np.int64)
+    return np.clip(np.rint(q15.check_finite(bias, name) * (1 << bits)), *INT32).astype(np.int64)
 
 
 class Q15Layer(NamedTuple):
@@ -185,21 +187,24 @@ class Q15Layer(NamedTuple):
         return self.weight_ih.shape[1]
 
     @classmethod
-    def from_float(cls, weight_ih, weight_hh, bias_ih, bias_hh, threshold, zoneout: float = 0.0) -> Q15Layer:
-        """Quantise one layer given as float arrays (the module docstring's scheme)."""
-        values_ih, exponent_ih, _ = q15.dense_weights(weight_ih, None)
-        values_hh, exponent_hh, _ = q15.dense_weights(weight_hh, None)
+    def from_float(cls, weight_ih, weight_hh, bias_ih, bias_hh, threshold, zoneout: float = 0.0,
+                   suffix: str = "") -> Q15Layer:
+        """Quantise one layer given as float arrays (the module docstring's scheme). Errors name
+        the arrays as the arguments, ``suffix`` appended (say ``"_l0"``)."""
+        values_ih, exponent_ih = q15.int16_weights(weight_ih, f"weight_ih{suffix}")
+        values_hh, exponent_hh = q15.int16_weights(weight_hh, f"weight_hh{suffix}")
         for bits in range(30 - max(exponent_ih, exponent_hh), MIN_ACCUMULATOR_BITS - 1, -1):
             shift_ih, shift_hh = 30 - exponent_ih - bits, 30 - exponent_hh - bits
-            b_ih, b_hh = quantize_bias(bias_ih, bits), quantize_bias(bias_hh, bits)
+            b_ih = quantize_bias(bias_ih, bits, f"bias_ih{suffix}")
+            b_hh = quantize_bias(bias_hh, bits, f"bias_hh{suffix}")
             bound = worst_case_terms(values_ih, shift_ih) + worst_case_terms(values_hh, shift_hh)
             for b in (b_ih, b_hh):
                 if b is not None:
                     bound = bound + np.abs(b)
             rounding = 1 << (bits - MIN_ACCUMULATOR_BITS - 1) if bits > MIN_ACCUMULATOR_BITS else 0
             if int(bound.max()) + rounding <= INT32[1]:
-                return cls(values_ih, values_hh, shift_ih, shift_hh, b_ih, b_hh, to_q15(threshold),
-                           bits, int(np.rint(zoneout * ONE)))
+                return cls(values_ih, values_hh, shift_ih, shift_hh, b_ih, b_hh,
+                           to_q15(threshold, name=f"threshold{suffix}"), bits, int(np.rint(zoneout * ONE)))
         largest = float(np.abs(weight_ih).sum(1).max() + np.abs(weight_hh).sum(1).max())
         raise ValueError(f"weights and biases too large for 32-bit gate sums: a gate row's sum of |w| reaches "
                          f"{largest:g}, and its worst case overflows an int32 even with 15 fractional bits")
@@ -311,7 +316,7 @@ class EGRUQ15:
 
         modules = list(module) if isinstance(module, (list, tuple, nn.ModuleList)) else [module]
         layers = []
-        for module in modules:
+        for m, module in enumerate(modules):
             if not isinstance(module, EGRU):
                 raise TypeError(f"expected an egru.EGRU, got {type(module).__name__}")
             if module.bidirectional:
@@ -321,7 +326,8 @@ class EGRUQ15:
                 params = [None if p is None else p.detach().cpu().double().numpy() for p in module._layer_params(k, "")]
                 if not layers:
                     params[0] = params[0] * 2.0 ** input_exponent  # the inputs enter divided by 2^E
-                layers.append(Q15Layer.from_float(*params, zoneout=module.zoneout))
+                suffix = f"_l{k}" + (f" of module {m}" if len(modules) > 1 else "")  # as in the state dict
+                layers.append(Q15Layer.from_float(*params, zoneout=module.zoneout, suffix=suffix))
         head = None
         if readout is not None:
             if not isinstance(readout, nn.Linear):
@@ -329,7 +335,7 @@ class EGRUQ15:
             if readout.in_features != layers[-1].hidden_size:
                 raise ValueError(f"a readout of {readout.in_features} inputs cannot follow {layers[-1].hidden_size} units")
             bias = None if readout.bias is None else readout.bias.detach().cpu().double().numpy()
-            head = q15.dense_weights(readout.weight.detach().cpu().double().numpy(), bias)
+            head = q15.dense_weights(readout.weight.detach().cpu().double().numpy(), bias, "readout")
         trace = None if trace_alpha is None else int(np.rint(trace_alpha * ONE))
         return cls(layers, head, trace, input_exponent)
 

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..modules import _check_positive_int
+from ..modules import _check_positive_int, check_input, check_state
 from . import functional
 
 
@@ -23,7 +23,7 @@ class EmbeddedGRUCell(nn.Module):
     float weights straight through (quantisation-aware training). Biases stay in float.
 
     ``forward(x, h=None)``: ``x`` (B, I) or (I,), ``h`` of the same batch shape (zeros if None)
-    → ``h_t``.
+    → ``h_t``. Both are checked as :class:`egru.EGRUCell` checks its own (shape, dtype, device).
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, quantize: Optional[str] = None,
@@ -54,17 +54,12 @@ class EmbeddedGRUCell(nn.Module):
                 functional.quantize(self.weight_h, self.quantize))
 
     def forward(self, x: torch.Tensor, h: Optional[torch.Tensor] = None) -> torch.Tensor:
-        batched = x.dim() == 2
-        if x.dim() not in (1, 2) or x.shape[-1] != self.input_size:
-            raise ValueError(f"expected input of shape (B, {self.input_size}) or ({self.input_size},), "
-                             f"got {tuple(x.shape)}")
-        x = x if batched else x.unsqueeze(0)
+        x, batched = check_input(x, self.weight_z, self.input_size, step=True)
         if h is None:
             h = x.new_zeros(x.shape[0], self.hidden_size)
         else:
             expected = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
-            if tuple(h.shape) != expected:
-                raise ValueError(f"expected h of shape {expected}, got {tuple(h.shape)}")
+            check_state("h", h, expected, self.weight_z)
             h = h if batched else h.unsqueeze(0)
         weight_z, weight_h = self.weights()
         out = functional.step(x, h, weight_z, self.bias_z, weight_h, self.bias_h)
@@ -86,6 +81,8 @@ class EmbeddedGRU(nn.Module):
     unbatched; ``h0`` (num_layers, B, H) or (num_layers, H) unbatched, zeros if None. Returns
     ``(output, h_n)``: the last layer's state at every step, in the input's layout, and every
     layer's last state. Layer ``k`` is ``self.cells[k]`` (input size I for the first, H after).
+    ``input`` and ``h0`` are checked as :class:`egru.EGRU` checks its own (shape, at least one
+    step and one sample, dtype, device).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -100,14 +97,8 @@ class EmbeddedGRU(nn.Module):
         self.batch_first, self.clip = batch_first, clip
 
     def forward(self, input: torch.Tensor, h0: Optional[torch.Tensor] = None):
-        batched = input.dim() == 3
-        if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
-            layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
-            raise ValueError(f"expected input of shape {layout} or (T, I) with I = {self.input_size}, "
-                             f"got {tuple(input.shape)}")
-        x = input if batched else input.unsqueeze(1)
-        if batched and self.batch_first:
-            x = x.transpose(0, 1)
+        like = self.cells[0].weight_z
+        x, batched = check_input(input, like, self.input_size, batch_first=self.batch_first)
         if self.clip:
             x = functional.clip_q15(x)
         B = x.shape[1]
@@ -115,8 +106,7 @@ class EmbeddedGRU(nn.Module):
             h0 = x.new_zeros(self.num_layers, B, self.hidden_size)
         else:
             expected = (self.num_layers, B, self.hidden_size) if batched else (self.num_layers, self.hidden_size)
-            if tuple(h0.shape) != expected:
-                raise ValueError(f"expected h0 of shape {expected}, got {tuple(h0.shape)}")
+            check_state("h0", h0, expected, like)
             h0 = h0 if batched else h0.unsqueeze(1)
         states = []
         for cell, h in zip(self.cells, h0):

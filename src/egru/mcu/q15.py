@@ -33,10 +33,21 @@ INT32 = (-(1 << 31), (1 << 31) - 1)
 MAX_FAN_IN = 65_535  # H + I: the weighted sum of so many Q15 values fits an int32
 
 
-def to_q15(values, bits: int = 16) -> np.ndarray:
-    """Float values → Q15 integers (round to nearest, saturate to int16, or int32 for biases)."""
+def check_finite(values, name: str) -> np.ndarray:
+    """``values`` as a float64 array; a ValueError naming them (``name``) if one is NaN or
+    infinite. Every conversion to integers goes through here: rounding and saturating would turn
+    such a value into an arbitrary integer without a word."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name} holds {'NaN' if np.isnan(values).any() else 'inf'}")
+    return values
+
+
+def to_q15(values, bits: int = 16, name: str = "an input") -> np.ndarray:
+    """Float values → Q15 integers (round to nearest, saturate to int16, or int32 for biases);
+    ``name`` names them in the error for NaN or inf (:func:`check_finite`)."""
     low, high = INT16 if bits == 16 else INT32
-    scaled = np.rint(np.asarray(values, dtype=np.float64) * ONE)
+    scaled = np.rint(check_finite(values, name) * ONE)
     return np.clip(scaled, low, high).astype(np.int64)
 
 
@@ -102,13 +113,23 @@ class Q15Layers:
                 raise ValueError(f"a layer of {before.hidden_size} units feeds one that expects "
                                  f"{cell.input_size} inputs")
         self.rule = rule or getattr(cells[0], "quantize", None) or "paper"
+
+        def codes(weight, name):
+            check_finite(weight.detach().cpu().numpy(), name)  # NaN would get code 0 and inf ±3, silently
+            return quantization_codes(weight, self.rule).cpu().numpy().astype(np.int64)
+
+        def bias(b, name):
+            return None if b is None else to_q15(b.detach().cpu().numpy(), bits=32, name=name)
+
         self.cells = []
-        for cell in cells:
-            check_fan_in(cell.hidden_size + cell.input_size)
-            bias = [None if b is None else to_q15(b.detach().cpu().numpy(), bits=32)
-                    for b in (cell.bias_z, cell.bias_h)]
-            self.cells.append((quantization_codes(cell.weight_z, self.rule).cpu().numpy().astype(np.int64), bias[0],
-                               quantization_codes(cell.weight_h, self.rule).cpu().numpy().astype(np.int64), bias[1]))
+        for m, module in enumerate(modules):
+            of_module = f" of module {m}" if len(modules) > 1 else ""
+            for k, cell in enumerate(module.cells):
+                check_fan_in(cell.hidden_size + cell.input_size)
+                # a tensor's name in errors: its key in its module's state dict (and which module)
+                name = {kind: f"cells.{k}.{kind}{of_module}" for kind in ("weight_z", "bias_z", "weight_h", "bias_h")}
+                self.cells.append((codes(cell.weight_z, name["weight_z"]), bias(cell.bias_z, name["bias_z"]),
+                                   codes(cell.weight_h, name["weight_h"]), bias(cell.bias_h, name["bias_h"])))
         self.input_size = cells[0].input_size
         self.hidden_sizes = [cell.hidden_size for cell in cells]
 
@@ -129,25 +150,33 @@ class Q15Layers:
 
 # --- the dense head: Linear → ReLU → … → Linear, weights in int16 with a power-of-two scale ---
 
-def scale_exponent(largest: float) -> int:
+def scale_exponent(largest: float, name: str = "an input") -> int:
     """The smallest ``e ≥ 0`` for which ``largest / 2^e`` is below Q15's largest value, 32767/32768:
-    values up to ``largest`` in magnitude, divided by ``2^e``, are Q15 without saturating."""
+    values up to ``largest`` in magnitude, divided by ``2^e``, are Q15 without saturating.
+    ``name`` names the values in the error for NaN or inf."""
+    check_finite(largest, name)
     exponent = 0
     while largest >= (1 << exponent) * (INT16[1] / ONE):
         exponent += 1
     return exponent
 
 
-def dense_weights(weight, bias) -> tuple:
-    """A float Linear layer's weights as ``(int16 values, exponent e, int32 bias in Q15)``:
-    ``w ≈ values · 2^(e − 15)`` with the smallest ``e ≥ 0`` for which every |w| fits."""
-    weight = np.asarray(weight, dtype=np.float64)
+def int16_weights(weight, name: str = "weight") -> tuple:
+    """A float weight tensor as ``(int16 values, exponent e)``: ``w ≈ values · 2^(e − 15)`` with
+    the smallest ``e ≥ 0`` for which every |w| fits; ``name`` names it in errors."""
+    weight = check_finite(weight, name)
     largest = float(np.abs(weight).max(initial=0.0))
     exponent = scale_exponent(largest)
     if exponent > 15:
-        raise ValueError(f"a dense weight of magnitude {largest:g} is beyond what int16 with a scale holds")
-    values = np.clip(np.rint(weight * (1 << (15 - exponent))), *INT16).astype(np.int64)
-    return values, exponent, None if bias is None else to_q15(bias, bits=32)
+        raise ValueError(f"{name} holds a value of magnitude {largest:g}, beyond what int16 with a scale holds")
+    return np.clip(np.rint(weight * (1 << (15 - exponent))), *INT16).astype(np.int64), exponent
+
+
+def dense_weights(weight, bias, name: str = "linear") -> tuple:
+    """A float Linear layer's weights as ``(int16 values, exponent e, int32 bias in Q15)``
+    (:func:`int16_weights`); ``name`` names the layer in errors (``<name>.weight``, ``<name>.bias``)."""
+    values, exponent = int16_weights(weight, f"{name}.weight")
+    return values, exponent, None if bias is None else to_q15(bias, bits=32, name=f"{name}.bias")
 
 
 def check_dense(inputs: int, exponent: int) -> None:
@@ -177,8 +206,8 @@ class Q15Classifier:
     def __init__(self, recurrent, head: list, rule: str | None = None):
         self.recurrent = Q15Layers(recurrent, rule)
         self.head = [dense_weights(layer.weight.detach().cpu().numpy(),
-                                   None if layer.bias is None else layer.bias.detach().cpu().numpy())
-                     for layer in head]
+                                   None if layer.bias is None else layer.bias.detach().cpu().numpy(), f"head[{k}]")
+                     for k, layer in enumerate(head)]
         width = self.recurrent.hidden_sizes[-1]
         for values, exponent, _ in self.head:
             if values.shape[1] != width:

@@ -195,6 +195,8 @@ class ClassifyConfig(TrainConfig, CoreConfig):
     readout: str = option("last", "the logits of the last step, or the mean of every step's",
                           choices=("last", "mean"))
     frame_features: int = option(128, "frame tasks: features a small CNN makes of each frame")
+    pixels_per_step: int = option(1, "smnist, psmnist: pixels entering at each step (784 / this steps; "
+                                     "4: the 196-step sequences of quick studies)")
     neurobench: int = option(100, "after training, measure the first this many test sequences with "
                                   "NeuroBench too, where it is installed (0: never)")
     valid_size: int = option(0, "hold the last this many training sequences out for validation "
@@ -216,6 +218,9 @@ class ClassifyConfig(TrainConfig, CoreConfig):
             raise ValueError(f"unknown task {self.task!r}; expected one of {tuple(TASKS)}")
         for name in ("hidden_size", "num_layers", "frame_features"):
             check(self, name, "a positive integer", positive_int)
+        check(self, "pixels_per_step", f"a divisor of {MNIST_PIXELS}, with task smnist or psmnist",
+              lambda v: positive_int(v) and MNIST_PIXELS % v == 0
+              and (v == 1 or self.task in ("smnist", "psmnist")))
         for name in ("neurobench", "valid_size"):
             check(self, name, "a non-negative integer", lambda v: isinstance(v, int) and v >= 0)
         check(self, "readout", "'last' or 'mean'", lambda v: v in ("last", "mean"))
@@ -433,6 +438,8 @@ class ClassifyTask:
             splits["valid"] = (x[-held_out:], y[-held_out:])
         self.data = {}
         for split, (x, y) in splits.items():
+            if cfg.pixels_per_step > 1:  # consecutive pixels (in the task's order) as one step's features
+                x = x.reshape(len(x), -1, cfg.pixels_per_step)
             n = sizes.get(split) or len(x)
             if n > len(x):
                 raise ValueError(f"{split}_size {n} is larger than {cfg.task}'s {len(x)} {split} sequences")

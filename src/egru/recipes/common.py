@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import random
@@ -22,7 +23,12 @@ from egru.kernels.thread_modes import ThreadModes
 
 class Checked:
     """The root of the recipes' config dataclasses: each class's ``__post_init__`` checks its
-    own fields and calls ``super().__post_init__()``, so every check of a combined config runs."""
+    own fields and calls ``super().__post_init__()``, so every check of a combined config runs.
+
+    ``FIXED``: inherited fields that a recipe allows only one value of (its default), which the
+    command therefore does not offer as options."""
+
+    FIXED: tuple = ()
 
     def __post_init__(self):
         pass
@@ -81,18 +87,89 @@ def default_device() -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves half a checkpoint."""
+TEMPORARY_SUFFIX = ".tmp"  # of the files write_atomic writes before renaming them
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, flushed to disk, then renamed over
+    ``path``: a crash or a power cut leaves the old file or the new one, never half of one. An
+    interrupted write leaves at most a ``<name>*.tmp`` file, which :func:`remove_temporaries`
+    clears."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=TEMPORARY_SUFFIX)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    _sync_directory(path.parent)  # the rename itself reaches the disk
+
+
+def _sync_directory(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a system whose folders cannot be opened (Windows): the rename stands alone
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory ``device`` has in all: a GPU's, or the machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_model_fits(build, device: torch.device) -> None:
+    """A ValueError, before anything is allocated, when the model ``build()`` makes cannot fit in
+    ``device``'s memory with its gradients and AdamW's two moments (four copies of its
+    parameters; activations come on top). The model is built on the meta device, which holds
+    shapes and no data."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except RuntimeError as err:
+        if "overflow" in str(err):  # sizes whose number of bytes does not fit in 64 bits
+            raise ValueError(f"the model's sizes are too large to allocate ({err})") from None
+        return  # a model that cannot be built on the meta device is checked as it is built
+    parameters = sum(p.numel() for p in model.parameters())
+    needed = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+    available = device_memory(device)
+    if needed > available:
+        raise ValueError(f"the model has {parameters:,} parameters: with their gradients and AdamW's "
+                         f"state {needed / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB "
+                         f"of memory of this {device.type}; choose smaller sizes")
+
+
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` through :func:`write_atomic`."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    """JSON (indented) through :func:`write_atomic`."""
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def remove_temporaries(folder: Path, names) -> list:
+    """Delete what interrupted :func:`write_atomic` calls of the files ``names`` left in
+    ``folder``; return the paths removed."""
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f"{glob.escape(name)}*{TEMPORARY_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 class DeferredInterrupt:
@@ -189,17 +266,24 @@ class MetricsLog:
             self.writer.flush()
 
     def read(self) -> list:
+        """The records; a last line cut short by a crash in the middle of a write is dropped."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.path} line {i + 1} is not JSON") from None
+        return records
 
     def keep(self, predicate) -> None:
         """Keep only the records for which ``predicate(record)`` is true (a resumed run rewrites
         the others)."""
         text = "".join(json.dumps(r) + "\n" for r in self.read() if predicate(r))
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.path)  # an interrupted rewrite leaves the old records, not half of them
+        write_atomic(self.path, lambda f: f.write(text.encode()))
 
     def close(self) -> None:
         if self.writer is not None:

@@ -46,9 +46,9 @@ from torch import nn
 import egru
 from egru import prune
 
-from .common import (Checked, DeferredInterrupt, MetricsLog, check, default_device, is_main_process,
-                     option, positive_int, progress_bar, rng_state, save_atomic, seed_everything,
-                     set_rng_state)
+from .common import (Checked, DeferredInterrupt, MetricsLog, check, check_model_fits, default_device, is_main_process,
+                     option, positive_int, progress_bar, remove_temporaries, rng_state, save_atomic,
+                     seed_everything, set_rng_state)
 
 
 @dataclass(frozen=True)
@@ -195,13 +195,31 @@ def make_pruner(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Optiona
 
 def load_model(model: nn.Module, ckpt: dict, what: str) -> nn.Module:
     """``model`` with a checkpoint's weights (pruned ones included); a ValueError naming
-    ``what`` when they do not fit."""
-    prune.prepare_for_load(model, ckpt["model"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise ValueError(f"the checkpoint does not fit {what}: {err}") from err
+    ``what`` and the first tensor that does not fit when they do not."""
+    state = ckpt["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"the checkpoint's model is not a state dict of tensors, so it does not fit {what}")
+    prune.prepare_for_load(model, state)
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise ValueError(f"the checkpoint does not fit {what}: {mismatch}")
+    model.load_state_dict(state)
     return model
+
+
+def state_dict_mismatch(expected: dict, given: dict) -> Optional[str]:
+    """What first keeps ``given`` from loading where ``expected`` is (None: nothing), in one line:
+    a tensor that is missing, one that is not expected, or one of another shape."""
+    for name, tensor in expected.items():
+        if name not in given:
+            return f"it lacks {name} {tuple(tensor.shape)}"
+        if given[name].shape != tensor.shape:
+            return (f"{name} has shape {tuple(given[name].shape)} where the model expects "
+                    f"{tuple(tensor.shape)}")
+    unexpected = [name for name in given if name not in expected]
+    if unexpected:
+        return f"it holds {unexpected[0]} {tuple(given[unexpected[0]].shape)}, which the model does not have"
+    return None
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -260,6 +278,8 @@ def shard(batch: torch.Tensor, world: World, dim: int = 1) -> torch.Tensor:
 
 
 # --- checkpoints ------------------------------------------------------------------------------
+
+RUN_FILES = ("last.pt", "best.pt", "results.json", "metrics.jsonl")  # written atomically
 
 def load_checkpoint(path, task_class) -> dict:
     """A checkpoint of ``task_class``'s kind; a ValueError for anything else."""
@@ -326,17 +346,26 @@ def train(make_task, cfg: TrainConfig, run_dir, *, resume: bool = False, progres
     world = start_processes(device)
     if cfg.batch_size % world.size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world.size} processes")
-    if not resume and (run_dir / "metrics.jsonl").exists():
+    started = (run_dir / "metrics.jsonl").exists()
+    if not resume and started:
         raise ValueError(f"{run_dir} already holds a run: continue it with --resume, "
                          "or choose another --run-dir")
+    if is_main_process():
+        remove_temporaries(run_dir, RUN_FILES)
     task = make_task(device, world)
     ckpt = None
-    if resume:
-        ckpt = load_checkpoint(run_dir / "last.pt", type(task))
+    if resume and (started or (run_dir / "last.pt").exists()):
+        if (run_dir / "last.pt").exists():
+            ckpt = load_checkpoint(run_dir / "last.pt", type(task))
+        elif is_main_process():  # stopped before its first checkpoint: resuming is starting again
+            print(f"{run_dir} holds no checkpoint yet: starting the run from step 0")
+    elif resume:
+        raise ValueError(f"{run_dir} holds no run to resume (no metrics.jsonl, no last.pt)")
+    if ckpt is not None:
         if dataclasses.replace(task.CONFIG(**ckpt["config"]), max_steps=cfg.max_steps) != cfg:
             raise ValueError("the run directory holds a run with a different configuration; "
                              "resume it without changing options other than --max-steps")
-    result = Trainer(task, run_dir, device, world, ckpt, progress, tensorboard, plots, desc).run()
+    result = Trainer(task, run_dir, device, world, ckpt, started, progress, tensorboard, plots, desc).run()
     if world.distributed and joined:
         # Leave the group together: a process exiting while gloo's threads still talk to the
         # others can abort ("terminate called without an active exception").
@@ -348,9 +377,11 @@ def train(make_task, cfg: TrainConfig, run_dir, *, resume: bool = False, progres
 class Trainer:
     """The loop of :func:`train`, one small method per concern."""
 
-    def __init__(self, task, run_dir: Path, device, world: World, ckpt, progress, tensorboard, plots, desc):
+    def __init__(self, task, run_dir: Path, device, world: World, ckpt, started: bool, progress, tensorboard,
+                 plots, desc):
         self.task, self.cfg, self.run_dir, self.device, self.world = task, task.cfg, run_dir, device, world
         self.progress, self.plots = progress, plots
+        check_model_fits(task.build_model, device)
         seed_everything(self.cfg.seed)
         self.model = task.build_model().to(device)
         planned = task.epoch_starts[-1]
@@ -363,6 +394,7 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.position = Position.restore(ckpt["position"])
+            self.agree_with_best()
             set_rng_state(ckpt["rng"])
             if self.pruner is not None:
                 self.pruner.load_state_dict(ckpt["pruning"])
@@ -371,11 +403,28 @@ class Trainer:
         self.log = MetricsLog(run_dir, tensorboard) if is_main_process() else None
         if self.log is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if ckpt is not None:  # what comes after the checkpoint is redone, a finished run's summary too
-                step = self.position.step
-                self.log.keep(lambda r: r["step"] <= step and not r["split"].startswith("best_"))
+            if started:  # what comes after the checkpoint is redone, a finished run's summary too
+                step, validated = self.position.step, self.position.validated_step
+                self.log.keep(lambda r: r["step"] <= step and not r["split"].startswith("best_")
+                              and not (r["split"] == "valid" and r["step"] == step != validated))
         self.bar = Progress(self.total_steps, self.position.step, desc, progress)
         self.train_seconds, self.tokens_seen = 0.0, 0
+
+    def agree_with_best(self) -> None:
+        """Take the best score from ``best.pt``, the model it describes. ``best.pt`` is written
+        before the ``last.pt`` that records its score, so a crash between the two leaves a
+        ``best.pt`` ahead of ``last.pt``: the validation redone from ``last.pt`` then finds no
+        improvement on what ``best.pt`` holds. Without a readable ``best.pt`` (removed by hand)
+        nothing is best yet, and a validation that made one at the checkpoint's step is redone."""
+        position = self.position
+        try:
+            best = load_checkpoint(self.run_dir / "best.pt", type(self.task))
+        except ValueError:
+            if math.isfinite(position.best) or self.finished():
+                position.validated_step = -1
+            position.best = math.inf
+            return
+        position.best = Position.restore(best["position"]).best
 
     def run(self) -> dict:
         with DeferredInterrupt() as self.interrupt:
@@ -472,7 +521,8 @@ class Trainer:
                 position.best = min(position.best, score)
         if done:
             position.validated_step = position.step
-        self.save("last.pt", "best.pt") if improved else self.save("last.pt")
+        # best.pt first: a last.pt recording a best score is never ahead of the best.pt it describes
+        self.save("best.pt", "last.pt") if improved else self.save("last.pt")
 
     def save(self, *names: str) -> None:
         state = self.task.checkpoint_state()  # may be a collective: every process takes part

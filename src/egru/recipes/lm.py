@@ -96,10 +96,13 @@ FAMILIES = sorted({name.rsplit("-", 1)[0] for name in PRESETS if name.rsplit("-"
 
 def preset(name: str, model: Optional[str] = None) -> LMConfig:
     """The preset ``name``; with a model, the preset ``name-model`` when there is one (a name
-    lookup: ``cpu-small`` + ``gru`` is ``cpu-small-gru``), else ``name`` with that model."""
+    lookup: ``cpu-small`` + ``gru`` is ``cpu-small-gru``), else ``name`` with that model (a
+    family's EGRU preset for a model it has none of: ``cpu-small`` + ``embedded``)."""
     named = f"{name}-{model or 'egru'}"
     if named in PRESETS:
         return PRESETS[named]
+    if name in FAMILIES and name not in PRESETS:  # a model the family has no preset of
+        name = f"{name}-egru"
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS) + FAMILIES}")
     return PRESETS[name] if model is None else dataclasses.replace(PRESETS[name], model=model)

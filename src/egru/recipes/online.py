@@ -103,6 +103,8 @@ class OnlineConfig(TrainConfig, CoreConfig):
     eval_batch_size: int = 1000
     lr: float = 3e-3
     pseudo_derivative_support: float = 2.0
+    # One EGRU cell: the other cores and the embedded model's quantisation have no place here.
+    FIXED = ("model", "quantize", "quantize_start", "q15_ranges")
 
     def __post_init__(self):
         super().__post_init__()
