@@ -217,6 +217,7 @@ def test_flat_presets_equal_the_presets_resolved_before(name, model):
     assert pruning["prune_to"] == 0.0  # no pruning
     embedded = (cfg.pop("quantize"), cfg.pop("quantize_start"), cfg.pop("q15_ranges"))  # fields since
     assert embedded == ("none", 0.0, False)
+    assert (cfg.pop("init"), cfg.pop("threshold_parametrization")) == ("gru", "projected")  # fields since
     assert cfg == old_preset(name, model)
     if name == "cpu-small":  # a name lookup: the flat preset itself
         assert lm.preset(name, model) is lm.PRESETS[f"cpu-small-{model}"]

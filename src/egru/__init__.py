@@ -1,6 +1,6 @@
 """egru: event-based gated recurrent units (activity-sparse RNNs) for PyTorch."""
 
-from . import functional, prune, rtrl
+from . import diagnostics, functional, prune, rtrl
 from .backends import available as available_backends
 from .modules import EGRU, EGRUCell, init_thresholds_, keep_thresholds_in_range
 from .sparsity import LayerStats, layer_stats, model_stats
@@ -18,6 +18,7 @@ __all__ = [
     "LayerStats",
     "Triangle",
     "available_backends",
+    "diagnostics",
     "functional",
     "heaviside",
     "init_thresholds_",

@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import backends, functional
@@ -15,6 +16,8 @@ from .state import EGRUState, LayerRecord
 from .surrogate import Triangle
 
 THRESHOLD_INITS = ("beta", "sigmoid")
+INITS = ("gru", "evnn")  # weights and biases: torch.nn.GRU's, or the EGRU authors' code's
+THRESHOLD_PARAMETRIZATIONS = ("projected", "sigmoid")
 
 
 def _check_probability(name: str, p: float) -> None:
@@ -78,7 +81,13 @@ def _check_positive_int(name: str, n) -> None:
         raise ValueError(f"{name} must be a positive integer, got {n!r}")
 
 
-def _check_cell_arguments(input_size, hidden_size, threshold_mean, threshold_init, zoneout) -> None:
+def _check_cell_arguments(input_size, hidden_size, threshold_mean, threshold_init, zoneout, init="gru",
+                          threshold_parametrization="projected") -> None:
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if threshold_parametrization not in THRESHOLD_PARAMETRIZATIONS:
+        raise ValueError(f"threshold_parametrization must be one of {THRESHOLD_PARAMETRIZATIONS}, "
+                         f"got {threshold_parametrization!r}")
     _check_positive_int("input_size", input_size)
     _check_positive_int("hidden_size", hidden_size)
     _check_probability("zoneout", zoneout)
@@ -108,11 +117,47 @@ def init_thresholds_(threshold: torch.Tensor, mean: float, method: str = "beta")
     return threshold
 
 
+class SigmoidThreshold(nn.Module):
+    """``ϑ = σ(θ)``: a threshold trained through an unbounded parameter ``θ`` (the EGRU authors'
+    first code), a :mod:`torch.nn.utils.parametrize` parametrisation of ``threshold*``."""
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(theta)
+
+    def right_inverse(self, threshold: torch.Tensor) -> torch.Tensor:
+        return torch.logit(threshold.clamp(1e-6, 1 - 1e-6))
+
+
 class _ThresholdMixin:
-    """Thresholds live in [0, 1]: a projection applied after each optimiser step."""
+    """Thresholds live in [0, 1]: a projection applied after each optimiser step
+    (``threshold_parametrization="projected"``), or by construction (``"sigmoid"``:
+    :class:`SigmoidThreshold`, where nothing is projected)."""
 
     def thresholds(self) -> list[nn.Parameter]:
+        """The projected thresholds (none where they are parametrised)."""
         return [p for name, p in self.named_parameters() if name.startswith("threshold")]
+
+    def _parametrize_thresholds(self, parametrization: str) -> None:
+        if parametrization == "sigmoid":
+            for name in [name for name, _ in self.named_parameters() if name.startswith("threshold")]:
+                parametrize.register_parametrization(self, name, SigmoidThreshold())
+
+    def _init_weights(self, name: str, param: torch.Tensor) -> None:
+        """One weight or bias by ``self.init``: ``"gru"``, U(−1/√H, 1/√H) as ``torch.nn.GRU``
+        draws it (in row-major order whatever the layout); ``"evnn"``, Xavier-normal weights
+        (``std = √(2 / (fan_in + fan_out))`` over the whole matrix, three gates stacked) and
+        zero biases, as the authors' code (a unit on blank input then stays at ``ĉ = 0``)."""
+        with torch.no_grad():
+            if getattr(self, "init", "gru") == "evnn":
+                if name.startswith("weight"):
+                    fan_out, fan_in = param.shape
+                    std = math.sqrt(2.0 / (fan_in + fan_out))
+                    param.copy_(torch.empty(param.shape, dtype=param.dtype, device=param.device).normal_(0, std))
+                else:
+                    param.zero_()
+                return
+            bound = 1.0 / math.sqrt(self.hidden_size)
+            param.copy_(torch.empty(param.shape, dtype=param.dtype, device=param.device).uniform_(-bound, bound))
 
     def project_thresholds_(self) -> None:
         """Clamp every threshold to [0, 1] in place. Call it after ``optimizer.step()``."""
@@ -159,6 +204,11 @@ class EGRU(_ThresholdMixin, nn.Module):
         pseudo_derivative_support: k, inverse half-width of the triangle.
         threshold_mean: mean of the initial thresholds (in (0, 1)).
         threshold_init: ``"beta"`` (default) or ``"sigmoid"``, see :func:`init_thresholds_`.
+        threshold_parametrization: ``"projected"`` (default: the thresholds are parameters,
+            kept in [0, 1] by :func:`keep_thresholds_in_range`) or ``"sigmoid"`` (``ϑ = σ(θ)``,
+            ``θ`` the parameter ``parametrizations.threshold_*.original``).
+        init: ``"gru"`` (default: ``torch.nn.GRU``'s uniform weights and biases) or ``"evnn"``
+            (Xavier-normal weights, zero biases, as the authors' code).
         zoneout: probability p of zoneout on the internal state.
         dropconnect: probability of dropping a recurrent weight (one mask per call).
         surrogate: a surrogate object (see :mod:`egru.surrogate`); overrides the two
@@ -198,13 +248,16 @@ class EGRU(_ThresholdMixin, nn.Module):
         pseudo_derivative_support: float = 1.0,
         threshold_mean: float = 0.3,
         threshold_init: str = "beta",
+        threshold_parametrization: str = "projected",
+        init: str = "gru",
         zoneout: float = 0.0,
         dropconnect: float = 0.0,
         surrogate=None,
         backend: str = "auto",
     ):
         super().__init__()
-        _check_cell_arguments(input_size, hidden_size, threshold_mean, threshold_init, zoneout)
+        _check_cell_arguments(input_size, hidden_size, threshold_mean, threshold_init, zoneout, init,
+                              threshold_parametrization)
         _check_positive_int("num_layers", num_layers)
         _check_probability("dropout", dropout)
         _check_probability("dropconnect", dropconnect)
@@ -221,6 +274,7 @@ class EGRU(_ThresholdMixin, nn.Module):
         self.dropconnect = float(dropconnect)
         self.threshold_mean = threshold_mean
         self.threshold_init = threshold_init
+        self.init = init
         self.surrogate = surrogate or Triangle(dampening_factor, pseudo_derivative_support)
 
         factory = {"device": device, "dtype": dtype}
@@ -236,6 +290,7 @@ class EGRU(_ThresholdMixin, nn.Module):
                     self.register_parameter(f"bias_hh_{k}", nn.Parameter(torch.empty(3 * H, **factory)))
                 self.register_parameter(f"threshold_{k}", nn.Parameter(torch.empty(H, **factory)))
         self.reset_parameters()
+        self._parametrize_thresholds(threshold_parametrization)
 
     @property
     def num_directions(self) -> int:
@@ -246,15 +301,17 @@ class EGRU(_ThresholdMixin, nn.Module):
         return ("", "_reverse") if self.bidirectional else ("",)
 
     def reset_parameters(self) -> None:
-        """Weights and biases ~ U(−1/√H, 1/√H) as in ``torch.nn.GRU``; thresholds per ``threshold_init``."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
+        """Weights and biases by ``init`` (:meth:`_init_weights`); thresholds per ``threshold_init``
+        (a sigmoid-parametrised one through its inverse, ``θ = logit(ϑ)``)."""
         for name, param in self.named_parameters():
             if name.startswith("threshold"):
                 init_thresholds_(param, self.threshold_mean, self.threshold_init)
-            else:  # drawn in row-major order whatever the layout, as torch.nn.GRU draws them
-                with torch.no_grad():
-                    param.copy_(torch.empty(param.shape, dtype=param.dtype, device=param.device)
-                                .uniform_(-bound, bound))
+            elif not name.startswith("parametrizations."):
+                self._init_weights(name, param)
+        for name in getattr(self, "parametrizations", {}):
+            drawn = init_thresholds_(torch.empty_like(getattr(self, name)), self.threshold_mean, self.threshold_init)
+            with torch.no_grad():
+                setattr(self, name, drawn)
 
     def _layer_params(self, layer: int, suffix: str):
         k = f"l{layer}{suffix}"
@@ -464,14 +521,17 @@ class EGRUCell(_ThresholdMixin, nn.Module):
         pseudo_derivative_support: float = 1.0,
         threshold_mean: float = 0.3,
         threshold_init: str = "beta",
+        threshold_parametrization: str = "projected",
+        init: str = "gru",
         zoneout: float = 0.0,
         surrogate=None,
     ):
         super().__init__()
-        _check_cell_arguments(input_size, hidden_size, threshold_mean, threshold_init, zoneout)
+        _check_cell_arguments(input_size, hidden_size, threshold_mean, threshold_init, zoneout, init,
+                              threshold_parametrization)
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
         self.zoneout = float(zoneout)
-        self.threshold_mean, self.threshold_init = threshold_mean, threshold_init
+        self.threshold_mean, self.threshold_init, self.init = threshold_mean, threshold_init, init
         self.surrogate = surrogate or Triangle(dampening_factor, pseudo_derivative_support)
         factory = {"device": device, "dtype": dtype}
         H = hidden_size
@@ -481,6 +541,7 @@ class EGRUCell(_ThresholdMixin, nn.Module):
         self.bias_hh = nn.Parameter(torch.empty(3 * H, **factory)) if bias else None
         self.threshold = nn.Parameter(torch.empty(H, **factory))
         self.reset_parameters()
+        self._parametrize_thresholds(threshold_parametrization)
 
     reset_parameters = EGRU.reset_parameters
 

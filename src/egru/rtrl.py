@@ -57,6 +57,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from . import functional
 from .modules import EGRUCell
@@ -91,6 +92,9 @@ class RTRL:
             raise TypeError(f"RTRL needs an egru.EGRUCell, got {type(cell).__name__}")
         if cell.zoneout != 0:
             raise ValueError(f"RTRL supports zoneout 0 only, the cell has {cell.zoneout}")
+        if parametrize.is_parametrized(cell):
+            raise ValueError("RTRL learns the cell's parameters themselves: its threshold must not be "
+                             "parametrised (threshold_parametrization='projected')")
         masks = dict(masks or {})
         if set(masks) - set(WEIGHTS):
             raise ValueError(f"masks keys must be among {WEIGHTS}, got {sorted(masks)}")

@@ -19,9 +19,11 @@ forward (:func:`dense_macs`; an LSTM, with four gates, ``4H·(I + H)``), and bac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from .diagnostics import UnitHealth, unit_health
 from .state import LayerRecord
 
 
@@ -36,6 +38,7 @@ class LayerStats:
     backward_dense_macs: int  # backward MACs of a dense layer of the same shape
     weight_density_ih: float = 1.0  # fraction of nonzero input weights
     weight_density_hh: float = 1.0  # fraction of nonzero recurrent weights
+    health: Optional[UnitHealth] = None  # an event layer's silent and saturated units, thresholds
 
     @property
     def activity_sparsity(self) -> float:
@@ -64,7 +67,7 @@ def layer_stats(record: LayerRecord) -> LayerStats:
     return LayerStats(activity, backward, effective, dense_macs(I, H) * n_valid * D, n_valid,
                       backward_effective,
                       dense_backward_macs(I, H, input_grad=record.input_grad) * n_valid * D,
-                      *record.weight_density.tolist())
+                      *record.weight_density.tolist(), health=unit_health(record))
 
 
 def model_stats(records: list[LayerRecord]) -> LayerStats:

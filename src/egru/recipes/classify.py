@@ -319,9 +319,28 @@ class Classifier(nn.Module):
         for layer in self.layers:
             x, _, rec = layer(x, None, record=record)
             records.append(rec)
-        features = self.layers[-1].features(x)
-        logits = self.readout(features).mean(0) if self.mean_readout else self.readout(features[-1])
-        return logits, records if record else []
+        return self.logits(x), records if record else []
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The last core's output (T, B, H) → logits (B, classes)."""
+        features = self.layers[-1].features(out)
+        return self.readout(features).mean(0) if self.mean_readout else self.readout(features[-1])
+
+    def gradient_through_time(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """``‖∂L/∂s_t‖`` of every core's state at every step (:func:`egru.diagnostics.gradient_through_time`),
+        L the mean cross-entropy of sequences ``x`` (T, B, ...) with labels ``y``: layer → list."""
+        curves, inputs = {}, x if self.frontend is None else self.frontend(x).detach()
+        for i, layer in enumerate(self.layers):
+            def loss_of(out, above=self.layers[i + 1:]):
+                for core in above:
+                    out = core(out, None)[0]
+                return nn.functional.cross_entropy(self.logits(out), y)
+
+            norms = egru.diagnostics.gradient_through_time(layer, inputs, loss_of)
+            curves[f"layer{i}"] = norms[:, 0].tolist()
+            with torch.no_grad():
+                inputs = layer(inputs, None)[0]
+        return curves
 
     def layer_stats(self, records: list) -> list:
         return [layer.stats(rec) for layer, rec in zip(self.layers, records)]
@@ -436,10 +455,10 @@ class ClassifyTask:
                                  "training sequences to train on")
             splits["train"] = (x[:-held_out], y[:-held_out])
             splits["valid"] = (x[-held_out:], y[-held_out:])
-        self.data = {}
+        self.data, pixels = {}, getattr(cfg, "pixels_per_step", 1)  # online learning: one
         for split, (x, y) in splits.items():
-            if cfg.pixels_per_step > 1:  # consecutive pixels (in the task's order) as one step's features
-                x = x.reshape(len(x), -1, cfg.pixels_per_step)
+            if pixels > 1:  # consecutive pixels (in the task's order) as one step's features
+                x = x.reshape(len(x), -1, pixels)
             n = sizes.get(split) or len(x)
             if n > len(x):
                 raise ValueError(f"{split}_size {n} is larger than {cfg.task}'s {len(x)} {split} sequences")
@@ -452,6 +471,14 @@ class ClassifyTask:
 
     def build_model(self) -> Classifier:
         return Classifier(self.cfg, self.input_size, self.num_classes, self.meta.get("frame_shape"))
+
+    GRADIENT_SAMPLE = 32  # training sequences whose loss's gradient through time is logged
+
+    def gradient_through_time(self, model: Classifier) -> dict:
+        """The state gradients of the first training sequences, by the model in eval mode."""
+        x, y = (part[:self.GRADIENT_SAMPLE] for part in self.data["train"])
+        model.eval()
+        return model.gradient_through_time(x.transpose(0, 1), y)
 
     def begin(self, model: Classifier, ckpt) -> None:
         # The epochs' orders come one after another from one generator: a resumed run draws the

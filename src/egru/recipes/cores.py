@@ -35,6 +35,11 @@ class CoreConfig(Checked):
 
     model: str = option("egru", "the recurrent core", choices=MODELS)
     threshold_mean: float = option(0.1, "EGRU: mean of the initial thresholds")
+    threshold_parametrization: str = option("projected", "EGRU: thresholds trained as parameters projected "
+                                            "into [0, 1], or as sigmoid(theta) trained through theta",
+                                            choices=egru.modules.THRESHOLD_PARAMETRIZATIONS)
+    init: str = option("gru", "EGRU: torch.nn.GRU's uniform weights and biases, or the authors' "
+                              "Xavier-normal weights and zero biases", choices=egru.modules.INITS)
     dampening_factor: float = option(0.7, "EGRU: height of the triangle surrogate gradient")
     pseudo_derivative_support: float = option(1.0, "EGRU: inverse half-width of the triangle surrogate")
     zoneout: float = option(0.0, "EGRU: probability that a unit keeps its previous internal state")
@@ -57,6 +62,9 @@ class CoreConfig(Checked):
         if self.model != "embedded" and (self.quantize != "none" or self.q15_ranges):
             raise ValueError("quantize and q15_ranges are options of the embedded model, "
                              f"not of {self.model!r}")
+        check(self, "threshold_parametrization", f"one of {egru.modules.THRESHOLD_PARAMETRIZATIONS}",
+              lambda v: v in egru.modules.THRESHOLD_PARAMETRIZATIONS)
+        check(self, "init", f"one of {egru.modules.INITS}", lambda v: v in egru.modules.INITS)
         if self.backend not in egru.available_backends():
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {egru.available_backends()}")
         # Comparisons with NaN are false: NaN is refused too.
@@ -74,7 +82,8 @@ class EventCore(egru.EGRU):
         super().__init__(input_size, hidden_size, dropconnect=cfg.dropconnect, zoneout=cfg.zoneout,
                          dampening_factor=cfg.dampening_factor,
                          pseudo_derivative_support=cfg.pseudo_derivative_support,
-                         threshold_mean=cfg.threshold_mean, backend=cfg.backend)
+                         threshold_mean=cfg.threshold_mean, backend=cfg.backend, init=cfg.init,
+                         threshold_parametrization=cfg.threshold_parametrization)
 
     def forward(self, x, state=None, record: bool = False):
         out = super().forward(x, state, record=record)

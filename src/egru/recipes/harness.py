@@ -25,7 +25,10 @@ A task has:
   ``"loss"`` and ``"layers"``; ``score(result)``: lower is better;
 * ``checkpoint_state()`` (every process calls it) and ``model_from_checkpoint(ckpt)``;
 * ``curves``: (metric, y scale) of each plotted learning curve; ``example_records(model)``: the
-  per-layer records of one test sequence, for the event raster.
+  per-layer records of one test sequence, for the event raster;
+* optionally ``gradient_through_time(model) -> {layer: [‖∂L/∂s_t‖ for each t]}`` on a fixed
+  sample of training sequences (:func:`egru.diagnostics.gradient_through_time`), logged with
+  every validation.
 """
 
 from __future__ import annotations
@@ -171,14 +174,28 @@ class LayerTotals:
             for name in self.MACS + ("steps",):
                 sums[name] += getattr(s, name)
             sums.update({name: getattr(s, name) for name in self.DENSITIES})
+            if s.health is not None:  # an event layer's: per step, weighted by steps
+                health = sums.setdefault("health", {})
+                for name, value in s.health.as_dict().items():
+                    health[name] = health.get(name, 0.0) + value * s.steps
         return self
 
     def summary(self) -> dict:
-        return {f"layer{i}": {**{name: sums[name] / max(sums["steps"], 1) for name in self.RATES},
-                              **{f"{name}_per_token": sums[name] / max(sums["steps"], 1)
-                                 for name in self.MACS},
-                              **{name: sums[name] for name in self.DENSITIES}}
+        def per_step(value, sums):
+            return value / max(sums["steps"], 1)
+
+        return {f"layer{i}": {**{name: per_step(sums[name], sums) for name in self.RATES},
+                              **{f"{name}_per_token": per_step(sums[name], sums) for name in self.MACS},
+                              **{name: sums[name] for name in self.DENSITIES},
+                              **{name: per_step(v, sums) for name, v in sums.get("health", {}).items()}}
                 for i, sums in sorted(self.sums.items())}
+
+
+def gradient_norms(model: nn.Module) -> dict:
+    """Each parameter's gradient norm, and ``"total"`` (what clipping compares with its bound)."""
+    norms = {name: p.grad.detach().norm().item() for name, p in model.named_parameters() if p.grad is not None}
+    norms["total"] = math.sqrt(sum(v * v for v in norms.values()))
+    return norms
 
 
 def make_pruner(model: nn.Module, cfg: TrainConfig, total_steps: int) -> Optional[prune.GradualPruning]:
@@ -466,6 +483,7 @@ class Trainer:
         loss, stats = task.loss(self.net, batch, record)
         if not getattr(task, "loss_fills_gradients", False):
             loss.backward()
+        grad_norms = gradient_norms(self.model) if record else None  # before clipping
         if cfg.clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
         self.optimizer.step()
@@ -476,19 +494,19 @@ class Trainer:
         self.tokens_seen += batch.tokens * self.world.size
         position.epoch = bisect.bisect_right(task.epoch_starts, position.step) - 1
         if record:
-            self.log_training(batch, loss, stats)
+            self.log_training(batch, loss, stats, grad_norms)
         self.bar.update()
 
     def logged(self, step: int) -> bool:
         return step % self.cfg.log_every == 0 or step == 1
 
-    def log_training(self, batch: Batch, loss: torch.Tensor, stats) -> None:
+    def log_training(self, batch: Batch, loss: torch.Tensor, stats, grad_norms: dict) -> None:
         value = self.world.mean(loss)
         metrics = self.task.train_metrics(value)
         entry = {"step": self.position.step, "epoch": batch.epoch, "split": "train", "loss": value,
                  **metrics, "lr": self.optimizer.param_groups[0]["lr"],
                  "tokens_per_second": self.tokens_seen / max(self.train_seconds, 1e-9),
-                 "layers": LayerTotals().add(stats).summary()}
+                 "layers": LayerTotals().add(stats).summary(), "grad_norms": grad_norms}
         if self.log is not None:
             self.log.write(entry)
         self.bar.show(entry, metrics)
@@ -514,6 +532,9 @@ class Trainer:
             result = self.task.evaluate(self.model, "valid", False, lambda: self.interrupt.requested)
             self.model.train()
             done = result is not None
+            if done and hasattr(self.task, "gradient_through_time"):
+                result["gradient_through_time"] = self.task.gradient_through_time(self.model)
+                self.model.train()
             if done:
                 self.log.write({"step": position.step, "epoch": position.epoch, "split": "valid", **result})
                 score = self.task.score(result)

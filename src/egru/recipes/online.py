@@ -104,7 +104,7 @@ class OnlineConfig(TrainConfig, CoreConfig):
     lr: float = 3e-3
     pseudo_derivative_support: float = 2.0
     # One EGRU cell: the other cores and the embedded model's quantisation have no place here.
-    FIXED = ("model", "quantize", "quantize_start", "q15_ranges")
+    FIXED = ("model", "quantize", "quantize_start", "q15_ranges", "threshold_parametrization")
 
     def __post_init__(self):
         super().__post_init__()
@@ -112,6 +112,8 @@ class OnlineConfig(TrainConfig, CoreConfig):
             raise ValueError(f"unknown task {self.task!r}; expected one of {TASK_NAMES}")
         check(self, "learning", f"one of {LEARNINGS}", lambda v: v in LEARNINGS)
         check(self, "model", "'egru' (online learning trains one EGRU cell)", lambda v: v == "egru")
+        check(self, "threshold_parametrization", "'projected' (RTRL learns the threshold itself)",
+              lambda v: v == "projected")
         check(self, "dtype", "'float32' or 'float64'", lambda v: v in ("float32", "float64"))
         check(self, "hidden_size", "a positive integer", positive_int)
         check(self, "classes", "an integer >= 2", lambda v: positive_int(v) and v >= 2)
@@ -185,7 +187,7 @@ class OnlineModel(nn.Module):
         dtype = getattr(torch, cfg.dtype)
         self.cell = egru.EGRUCell(input_size, cfg.hidden_size, dtype=dtype, threshold_mean=cfg.threshold_mean,
                                   dampening_factor=cfg.dampening_factor, zoneout=cfg.zoneout,
-                                  pseudo_derivative_support=cfg.pseudo_derivative_support)
+                                  pseudo_derivative_support=cfg.pseudo_derivative_support, init=cfg.init)
         self.readout = nn.Linear(cfg.hidden_size, num_classes, dtype=dtype)
         # Not a submodule: its own parameters are never used, the cell's take their place.
         self.__dict__["layer"] = make_core(core_config(cfg), input_size, cfg.hidden_size)
