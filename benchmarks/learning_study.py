@@ -44,6 +44,11 @@ CANDIDATES = {
     "egru-evnn": ["--init", "evnn"],
     "egru-lr1e-3": ["--lr", "1e-3", "--threshold-lr", "1e-3"],
     "egru-sigmoid": ["--threshold-parametrization", "sigmoid"],
+    "egru-k3": ["--pseudo-derivative-support", "3.0"],
+    "egru-k5": ["--pseudo-derivative-support", "5.0"],
+    "egru-k10": ["--pseudo-derivative-support", "10.0"],
+    "egru-k3-threshold0.3": ["--pseudo-derivative-support", "3.0", "--threshold-mean", "0.3"],
+    "egru-threshold0.3-k2": ["--threshold-mean", "0.3", "--pseudo-derivative-support", "2.0"],
 }
 BASELINES = {"gru-last": ["--model", "gru", "--readout", "last"],
              "gru-mean": ["--model", "gru", "--readout", "mean"]}
@@ -63,10 +68,13 @@ def runs(steps: int = STEPS, seeds=(0,)) -> dict:
 
 
 def measure(run_dir: Path) -> dict:
-    """The validation curve (step → accuracy), the final test accuracy and activity."""
+    """The validation curve (step → accuracy), the gradient through time at the last validation
+    that logged one, the final test accuracy and activity."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    curve = {r["step"]: r["accuracy"] for r in records if r["split"] == "valid"}
-    out = {"curve": curve, "test": None, "activity": None}
+    valid = [r for r in records if r["split"] == "valid"]
+    gradients = [r["gradient_through_time"]["layer0"] for r in valid if "gradient_through_time" in r]
+    out = {"curve": {r["step"]: r["accuracy"] for r in valid}, "gradient": gradients[-1] if gradients else None,
+           "test": None, "activity": None}
     results = run_dir / "results.json"
     if results.exists():
         result = json.loads(results.read_text())
@@ -90,21 +98,29 @@ def report(root: Path, plot, grid: dict) -> None:
 
 
 def draw(rows: dict, path) -> None:
+    """Validation accuracy against steps, and the gradient reaching each time step at the last
+    validation (EGRU beside GRU)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, m in rows.items():
+    fig, (curves, gradients) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for i, (name, m) in enumerate(rows.items()):
+        style = "-" if name.startswith("egru") else "--"
         steps = sorted(m["curve"])
-        style = "--" if not name.startswith("egru") else "-"
-        ax.plot(steps, [m["curve"][s] for s in steps], style, marker="o", ms=3, label=name)
-    ax.set_xlabel("training step (batch 64)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("sequential MNIST, 4 pixels per step (196 steps), 128 units")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
+        curves.plot(steps, [m["curve"][s] for s in steps], style, marker="o", ms=3, color=f"C{i % 10}", label=name)
+        if m["gradient"]:
+            gradients.plot([v if v > 0 else float("nan") for v in m["gradient"]], style, color=f"C{i % 10}",
+                           label=name)
+    curves.set(xlabel="training step (batch 64)", ylabel="validation accuracy",
+               title="sequential MNIST, 4 pixels per step (196 steps), 128 units")
+    curves.legend(fontsize=7, ncol=2)
+    curves.grid(alpha=0.3)
+    gradients.set(xlabel="time step t", ylabel="‖∂L/∂s_t‖ at the last validation", yscale="log",
+                  title="the gradient reaching each step")
+    gradients.legend(fontsize=7, ncol=2)
+    gradients.grid(alpha=0.3)
     studies.save(fig, path)
 
 

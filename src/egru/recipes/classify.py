@@ -48,7 +48,7 @@ import egru.mcu
 
 from . import harness
 from .common import check, option, positive_int
-from .cores import CoreConfig, EventCore, StepwiseCore, core_config, make_core
+from .cores import CoreConfig, EventCore, StepwiseCore, core_config, gradient_through_time, make_core
 from .harness import Batch, LayerTotals, TrainConfig
 
 
@@ -327,20 +327,10 @@ class Classifier(nn.Module):
         return self.readout(features).mean(0) if self.mean_readout else self.readout(features[-1])
 
     def gradient_through_time(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        """``‖∂L/∂s_t‖`` of every core's state at every step (:func:`egru.diagnostics.gradient_through_time`),
+        """``‖∂L/∂s_t‖`` of every core's state at every step (:func:`.cores.gradient_through_time`),
         L the mean cross-entropy of sequences ``x`` (T, B, ...) with labels ``y``: layer → list."""
-        curves, inputs = {}, x if self.frontend is None else self.frontend(x).detach()
-        for i, layer in enumerate(self.layers):
-            def loss_of(out, above=self.layers[i + 1:]):
-                for core in above:
-                    out = core(out, None)[0]
-                return nn.functional.cross_entropy(self.logits(out), y)
-
-            norms = egru.diagnostics.gradient_through_time(layer, inputs, loss_of)
-            curves[f"layer{i}"] = norms[:, 0].tolist()
-            with torch.no_grad():
-                inputs = layer(inputs, None)[0]
-        return curves
+        x = x if self.frontend is None else self.frontend(x).detach()
+        return gradient_through_time(self.layers, x, lambda out: nn.functional.cross_entropy(self.logits(out), y))
 
     def layer_stats(self, records: list) -> list:
         return [layer.stats(rec) for layer, rec in zip(self.layers, records)]

@@ -221,6 +221,23 @@ def make_core(cfg: CoreConfig, input_size: int, hidden_size: int) -> nn.Module:
     return CORES[cfg.model](cfg, input_size, hidden_size)
 
 
+def gradient_through_time(cores, x: torch.Tensor, loss_of_top) -> dict:
+    """``‖∂L/∂s_t‖`` of every core of a stack at every step (:func:`egru.diagnostics.gradient_through_time`):
+    ``x`` (T, B, I) enters the first core, each from its zero state; ``loss_of_top(out)`` is the
+    loss of the last core's output. Returns ``{"layer0": [T norms], ...}``."""
+    curves = {}
+    for i, core in enumerate(cores):
+        def loss_of(out, above=cores[i + 1:]):
+            for later in above:
+                out = later(out, None)[0]
+            return loss_of_top(out)
+
+        curves[f"layer{i}"] = egru.diagnostics.gradient_through_time(core, x, loss_of)[:, 0].tolist()
+        with torch.no_grad():
+            x = core(x, None)[0]
+    return curves
+
+
 def map_state(fn, state):
     """Apply ``fn`` to every tensor of a (nested) state, keeping its structure."""
     if isinstance(state, torch.Tensor):

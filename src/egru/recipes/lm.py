@@ -20,7 +20,7 @@ from egru import data
 
 from . import harness
 from .common import MeasuredTorchThreads, check, default_device, option, positive_int, progress_bar
-from .cores import MODELS, CoreConfig, core_config, make_core, map_state
+from .cores import MODELS, CoreConfig, core_config, gradient_through_time, make_core, map_state
 from .harness import Batch, LayerTotals, TrainConfig
 
 
@@ -169,6 +169,14 @@ class LanguageModel(nn.Module):
     def layer_stats(self, records: list) -> list:
         return [layer.stats(rec) for layer, rec in zip(self.layers, records)]
 
+    def gradient_through_time(self, tokens: torch.Tensor, targets: torch.Tensor) -> dict:
+        """``‖∂L/∂s_t‖`` of every layer's state at every step (:func:`.cores.gradient_through_time`)
+        from the zero state, L the mean cross-entropy of ``targets`` given ``tokens`` (T, B)."""
+        def loss_of(out):
+            return nn.functional.cross_entropy(self.decoder(out).flatten(0, 1), targets.flatten())
+
+        return gradient_through_time(self.layers, self.embedding(tokens).detach(), loss_of)
+
 
 # --- data -------------------------------------------------------------------------------------
 
@@ -288,6 +296,14 @@ class LanguageModelTask:
         if ckpt is not None:
             carried = map_state(lambda t: t.to(self.device), ckpt["carried_state"])
         self.carried = map_state(lambda t: harness.shard(t, self.world), carried)  # (1, B, H) each
+
+    GRADIENT_SAMPLE = 8  # training streams whose first chunk's gradient through time is logged
+
+    def gradient_through_time(self, model: LanguageModel) -> dict:
+        """The state gradients of the first chunk of the first streams, by the model in eval mode."""
+        columns, n = min(self.GRADIENT_SAMPLE, self.stream.shape[1]), min(self.cfg.bptt, self.rows)
+        model.eval()
+        return model.gradient_through_time(self.stream[:n, :columns], self.stream[1:n + 1, :columns])
 
     def batch(self, step: int) -> Batch:
         epoch, row, n = self.plan[step]
