@@ -16,6 +16,7 @@ with activity sparsity and draws the learning curves.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -93,8 +94,31 @@ def report(root: Path, plot, grid: dict) -> None:
         test = f"{m['test']:.1%}" if m["test"] is not None else ""
         sparsity = f"{1 - m['activity']:.1%}" if m["activity"] is not None and "egru" in name else ""
         print(f"| {name} | " + " | ".join(cells) + f" | {test} | {sparsity} |")
+    print("\nMean over the seeds run (valid accuracy; activity sparsity of the EGRUs):\n")
+    print("| run | seeds | " + " | ".join(f"valid @{b}" for b in BUDGETS) + " | test | activity sparsity |")
+    print("|---|---|" + "---|" * (len(BUDGETS) + 2))
+    for base, members in seed_groups(rows).items():
+        def mean(values):
+            values = [v for v in values if v is not None]
+            return sum(values) / len(values) if values else None
+
+        cells = [mean([m["curve"].get(b) for m in members]) for b in BUDGETS]
+        cells = [f"{c:.1%}" if c is not None else "" for c in cells]
+        test, activity = mean([m["test"] for m in members]), mean([m["activity"] for m in members])
+        sparsity = f"{1 - activity:.1%}" if activity is not None and "egru" in base else ""
+        print(f"| {base} | {len(members)} | " + " | ".join(cells) + f" | {'' if test is None else f'{test:.1%}'} | "
+              f"{sparsity} |")
     if plot:
         draw(rows, plot)
+
+
+def seed_groups(rows: dict) -> dict:
+    """Runs grouped by name without their seed suffix (``-s1``, ``-s2``)."""
+    groups = {}
+    for name, m in rows.items():
+        base = re.sub(r"-s\d+$", "", name)
+        groups.setdefault(base, []).append(m)
+    return groups
 
 
 def draw(rows: dict, path) -> None:
@@ -130,7 +154,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=[0], help="seeds (default: 0)")
     args = parser.parse_args(argv)
     args.root = args.root or Path("runs/learning-study")
-    grid = runs(args.steps, args.seeds)
+    grid = {name: a for name, a in runs(args.steps, args.seeds).items() if not args.only or name in args.only}
     studies.act(args, RECIPE, grid, lambda: report(args.root, args.plot, grid))
 
 
