@@ -580,6 +580,31 @@ def test_several_python_threads_share_a_layer(layer):
         assert proc.stdout.startswith(layer)
 
 
+
+_TORCH_THREADS_SCRIPT = """
+import torch, egru
+torch.set_num_threads(1)
+model = egru.EGRU(3, 8, backend="event")
+model(torch.rand(5, 4, 3))  # 4 samples: the parallel forward kernel, whose call starts numba's threads
+import numba
+print("torch", torch.get_num_threads(), "numba", numba.get_num_threads(), numba.threading_layer())
+"""
+
+
+def test_starting_numba_threads_keeps_torch_thread_count():
+    """numba's OpenMP layer sets the OpenMP runtime's thread count, which torch shares, as its
+    threads start: torch's operations must keep the count the process gave them. In a fresh
+    process, since numba's threads start once per process."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, NUMBA_NUM_THREADS="2")
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run([sys.executable, "-c", _TORCH_THREADS_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.startswith("torch 1 numba 2"), proc.stdout
+
 def test_backward_in_either_thread_mode_equals_the_reference():
     """The serial twin of the backward kernel (and of the sparse weight gradients) is chosen
     by measurement at run time: both modes agree with the reference."""

@@ -201,6 +201,46 @@ def test_rtrl_steps_without_a_loss_change_nothing(tmp_path, gradients):
     assert not torch.equal(models["bptt"]["cell.weight_hh"], models["k5"]["cell.weight_hh"])
 
 
+
+def test_rtrl_steps_run_in_the_measured_thread_mode_with_the_same_numbers(tmp_path, monkeypatch):
+    """RTRL's time steps run on all of torch's threads or on one, whichever is measured to be
+    faster (threads that another process deschedules stall the influence update's small
+    operations), the process's count given back after each: the training is the same as on
+    all threads throughout."""
+    from egru import rtrl
+
+    seen, step = [], rtrl.RTRL.step
+
+    def counting(self, x):
+        seen.append(torch.get_num_threads())
+        return step(self, x)
+
+    class AllThreads:
+        def step(self, learner, x):
+            return learner.step(x)
+
+        def accumulate(self, learner, grad_y):
+            learner.accumulate(grad_y)
+
+    monkeypatch.setattr(rtrl.RTRL, "step", counting)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(tmp_path / "measured", learning="rtrl")
+        assert torch.get_num_threads() == 2
+        assert len(seen) == 20 and seen[:4] == [2, 2, 1, 1]  # a warm-up and a timed step of each mode
+        assert set(seen) == {1, 2}
+        monkeypatch.setattr(online, "LearnerThreads", AllThreads)
+        run(tmp_path / "all", learning="rtrl")
+    finally:
+        torch.set_num_threads(before)
+    assert seen[20:] == [2] * 20
+    assert without_timings(tmp_path / "measured") == without_timings(tmp_path / "all")
+    a, b = checkpoint(tmp_path / "measured")["model"], checkpoint(tmp_path / "all")["model"]
+    for name, value in a.items():
+        assert torch.equal(b[name], value), name
+
+
 def test_options_are_checked():
     for changes, message in [
         (dict(learning="rtrl", zoneout=0.1), "zoneout must be 0 with learning rtrl"),

@@ -306,3 +306,28 @@ def test_batch_size_of_any_integer_type_and_a_frozen_threshold_not_trained():
     cell.threshold.requires_grad_(False)
     with pytest.raises(ValueError, match="does not require a gradient"):
         RTRL(cell, train_threshold=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_same_numbers_on_one_thread_as_on_two(dtype):
+    """The online recipe runs the learner on all of torch's threads or on one, whichever is
+    faster at the moment: both give the same state, influence and gradients, bit for bit.
+    Sizes at which torch splits the influence update between threads."""
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(5)
+            cell = egru.EGRUCell(28, 32, dtype=dtype, pseudo_derivative_support=2.0)
+            learner = RTRL(cell)
+            learner.reset(16)
+            for x in torch.rand(6, 16, 28, dtype=dtype):
+                y = learner.step(x)
+            learner.accumulate(torch.randn(16, 32, dtype=dtype))
+            results.append([*learner.state_dict().values(), *(p.grad for p in cell.parameters())])
+    finally:
+        torch.set_num_threads(before)
+    assert len(results[0]) == len(results[1]) == 12
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
