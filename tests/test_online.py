@@ -203,10 +203,12 @@ def test_rtrl_steps_without_a_loss_change_nothing(tmp_path, gradients):
 
 
 def test_rtrl_steps_run_in_the_measured_thread_mode_with_the_same_numbers(tmp_path, monkeypatch):
-    """RTRL's time steps run on all of torch's threads or on one, whichever is measured to be
-    faster (threads that another process deschedules stall the influence update's small
-    operations), the process's count given back after each: the training is the same as on
+    """RTRL's steps run on all of torch's threads or on one, whichever is measured to be faster
+    (threads that another process deschedules stall the influence update's small operations),
+    the process's count given back after each harness step: the training is the same as on
     all threads throughout."""
+    import contextlib
+
     from egru import rtrl
 
     seen, step = [], rtrl.RTRL.step
@@ -216,11 +218,8 @@ def test_rtrl_steps_run_in_the_measured_thread_mode_with_the_same_numbers(tmp_pa
         return step(self, x)
 
     class AllThreads:
-        def step(self, learner, x):
-            return learner.step(x)
-
-        def accumulate(self, learner, grad_y):
-            learner.accumulate(grad_y)
+        def step(self, key, units):
+            return contextlib.nullcontext()
 
     monkeypatch.setattr(rtrl.RTRL, "step", counting)
     before = torch.get_num_threads()
@@ -228,9 +227,9 @@ def test_rtrl_steps_run_in_the_measured_thread_mode_with_the_same_numbers(tmp_pa
     try:
         run(tmp_path / "measured", learning="rtrl")
         assert torch.get_num_threads() == 2
-        assert len(seen) == 20 and seen[:4] == [2, 2, 1, 1]  # a warm-up and a timed step of each mode
-        assert set(seen) == {1, 2}
-        monkeypatch.setattr(online, "LearnerThreads", AllThreads)
+        # 4 harness steps of T = 5 steps: a warm-up and a timed harness step of each mode
+        assert seen == [2] * 10 + [1] * 10
+        monkeypatch.setattr(online, "MeasuredTorchThreads", AllThreads)
         run(tmp_path / "all", learning="rtrl")
     finally:
         torch.set_num_threads(before)

@@ -123,15 +123,19 @@ class KernelCalls:
       TBB is available) aborts the process when two Python threads enter parallel regions at
       once. Under it (and before the layer is known) calls are serialised by a lock; the
       ``omp`` and ``tbb`` layers are thread-safe and run calls concurrently.
+    * torch's threads: numba's threads are started (:meth:`start_threads`) before the first
+      call of every kernel, so that starting them cannot change torch's thread count.
     """
 
     def __init__(self, kernels):
         self._kernels = kernels
         self._ready: set = set()  # (kernel, dtype) compiled or loaded in this process
         self._thread_lock = threading.RLock()
+        self._started = False  # numba's threads, see start_threads
 
     def __call__(self, kernel, dtype, *args):
         if (kernel, dtype) not in self._ready:
+            self.start_threads()  # a kernel's first call may be the process's first parallel region
             with _cache_lock(kernel), self._thread_lock:
                 result = kernel(*args)
             self._ready.add((kernel, dtype))
@@ -140,6 +144,28 @@ class KernelCalls:
             with self._thread_lock:
                 return kernel(*args)
         return kernel(*args)
+
+    def start_threads(self) -> None:
+        """Start numba's threads if they are not running yet, keeping torch's intra-op thread count.
+
+        As numba's OpenMP layer starts its threads it sets the thread count of the OpenMP
+        runtime, which torch's operations share (one libgomp in the process), to numba's own:
+        a process that gave torch fewer threads than cores (``torch.set_num_threads``,
+        ``OMP_NUM_THREADS``, the measured modes of :mod:`.thread_modes`: threads that
+        synchronise often stall on busy cores) would otherwise run every later torch operation
+        on all cores."""
+        if self._started:
+            return
+        with self._thread_lock:
+            if self._started:
+                return
+            threads = torch.get_num_threads()
+            try:
+                self._kernels.numba.get_num_threads()  # starts them
+            finally:
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+            self._started = True
 
     def _threading_layer(self) -> Optional[str]:
         """numba's threading layer once a parallel region has run, else None."""
@@ -246,6 +272,11 @@ class Runtime:
     def call(self, kernel, dtype, *args):
         return self._calls(kernel, dtype, *args)
 
+    def numba_threads(self) -> int:
+        """numba's thread count (its threads started as :meth:`KernelCalls.start_threads` does)."""
+        self._calls.start_threads()
+        return self._kernels.numba.get_num_threads()
+
     def transposed(self, w: Tensor) -> Tensor:
         """``w.t().contiguous()``, kept while the weight is unchanged.
 
@@ -333,7 +364,7 @@ class Runtime:
     def threads(self, key, units: float, mode: str):
         """Yields whether to run the parallel kernels (True) or their serial twins: serial on one
         numba thread, else as ``mode`` says, ``"measured"`` timing the block."""
-        if mode == "serial" or self._kernels.numba.get_num_threads() == 1:
+        if mode == "serial" or self.numba_threads() == 1:
             yield False
         elif mode == "parallel":
             yield True
@@ -400,7 +431,7 @@ def _forward(inputs: LayerInputs, s: Settings, masks: WeightMasks = WeightMasks(
         # whole samples per thread: one parallel region per call; one sample runs serially, as
         # the parallel form would synchronise the threads at every step
         macs = np.zeros(B, np.int64)
-        parallel = s.thread_mode != "serial" and B > 1 and K.numba.get_num_threads() > 1
+        parallel = s.thread_mode != "serial" and B > 1 and runtime.numba_threads() > 1
         runtime.call(K.layer_forward if parallel else K.layer_forward_serial, dtype,
                      gates.numpy(), y0.numpy(), c0.numpy(), rec, hh_rows, zoneout, out, macs)
         counters.recurrent += int(macs.sum())

@@ -68,7 +68,7 @@ from egru.rtrl import RTRL
 from egru.state import EGRUState
 
 from . import classify, harness
-from .common import check, option, positive_int
+from .common import MeasuredTorchThreads, check, option, positive_int
 from .cores import CoreConfig, core_config, make_core, map_state
 from .harness import Batch, LayerTotals, TrainConfig
 
@@ -282,6 +282,11 @@ class OnlineTask(classify.ClassifyTask):
         # Within a sequence: BPTT's state (y, c), or the RTRL learner; None at a sequence boundary.
         self.carried, self.step_macs, self.step_tokens = None, 0, 0
         self.influence_macs, self.influence_tokens = 0, 0  # RTRL's, over the whole training
+        # An RTRL step is some hundred small operations on the influence matrix, each of which
+        # synchronises torch's threads: when another process takes a core, the threads stall at
+        # every one, and a step can take tens of times longer than on one thread (on idle cores
+        # the threads win). The learner's numbers are the same on any number of threads.
+        self.learner_threads = MeasuredTorchThreads()
         if ckpt is not None:
             self.influence_macs, self.influence_tokens = ckpt["influence_macs"]
             if ckpt["carried"] is not None:
@@ -317,8 +322,10 @@ class OnlineTask(classify.ClassifyTask):
         sequence's last step); return the loss logged (module docstring) and the statistics."""
         inputs, targets, start = batch.data
         first, last = start == 0, start + len(inputs) == self.cfg.sequence_length
-        learn = self._rtrl if self.cfg.learning == "rtrl" else self._bptt
-        loss, stats = learn(net, inputs, targets, first, last, record)
+        if self.cfg.learning == "rtrl":
+            loss, stats = self._rtrl(net, inputs, targets, start, last, record)
+        else:
+            loss, stats = self._bptt(net, inputs, targets, first, last, record)
         if last:
             self.carried = None
         return loss.detach(), stats
@@ -332,21 +339,24 @@ class OnlineTask(classify.ClassifyTask):
         self.carried = state.detach()  # truncated BPTT
         return loss, [self.model.layer.stats(layer_record)] if record else None
 
-    def _rtrl(self, net, inputs, targets, first: bool, last: bool, record: bool):
-        if first:
+    def _rtrl(self, net, inputs, targets, start: int, last: bool, record: bool):
+        if start == 0:
             self.carried = self._learner(len(targets))
         learner, stats = self.carried, None
         if record:  # the same steps as a forward pass, for the layer's statistics
             with torch.no_grad():
                 layer_record = self.model(inputs, learner_state(learner), record=True)[2]
             stats = [self.model.layer.stats(layer_record)]
-        for x in inputs:
-            y = learner.step(x)
-        with torch.set_grad_enabled(last):
-            loss = nn.functional.cross_entropy(self.model.readout(y), targets)
-        if last:
-            loss.backward()  # the readout's gradient, and ∂L/∂y_T into y.grad
-            learner.accumulate(y.grad)  # the cell's
+        # on all of torch's threads or on one, as measured at this place of a sequence (the cost
+        # of a step changes along it: the influence starts at zero)
+        with self.learner_threads.step(("rtrl", len(targets), start), inputs.shape[0] * inputs.shape[1]):
+            for x in inputs:
+                y = learner.step(x)
+            with torch.set_grad_enabled(last):
+                loss = nn.functional.cross_entropy(self.model.readout(y), targets)
+            if last:
+                loss.backward()  # the readout's gradient, and ∂L/∂y_T into y.grad
+                learner.accumulate(y.grad)  # the cell's
         self.step_macs, self.step_tokens = learner.macs, inputs.shape[0] * inputs.shape[1]
         self.influence_macs += self.step_macs
         self.influence_tokens += self.step_tokens
