@@ -148,7 +148,7 @@ class _ThresholdMixin:
         (``std = √(2 / (fan_in + fan_out))`` over the whole matrix, three gates stacked) and
         zero biases, as the authors' code (a unit on blank input then stays at ``ĉ = 0``)."""
         with torch.no_grad():
-            if getattr(self, "init", "gru") == "evnn":
+            if self.init == "evnn":
                 if name.startswith("weight"):
                     fan_out, fan_in = param.shape
                     std = math.sqrt(2.0 / (fan_in + fan_out))
